@@ -192,6 +192,17 @@ def _make_module_class():
     return TitansLightningModule, HistoryCallback
 
 
+def build_lightning_module(network: nn.Module, loss_fn: LossFn, config: Optional[TrainingConfig] = None):
+    """The library's LightningModule around ``network`` and ``loss_fn``.
+
+    For integrations that must hand Lightning a module themselves (e.g. GluonTS's
+    ``PyTorchLightningEstimator.create_lightning_module``), so that they share this one training
+    step, validation step and optimiser set-up rather than writing another.
+    """
+    TitansLightningModule, _ = _make_module_class()
+    return TitansLightningModule(network, loss_fn, config or TrainingConfig())
+
+
 def _loader(data, config: TrainingConfig, shuffle: bool, collate_fn=None) -> Optional[DataLoader]:
     if data is None or isinstance(data, DataLoader):
         return data
@@ -259,8 +270,7 @@ def fit_module(
         pl.seed_everything(config.seed, workers=True, verbose=False)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.seed"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    TitansLightningModule, _ = _make_module_class()
-    module = TitansLightningModule(network, loss_fn, config)
+    module = build_lightning_module(network, loss_fn, config)
     train_loader = _loader(train_data, config, shuffle=True, collate_fn=collate_fn)
     val_loader = _loader(val_data, config, shuffle=False, collate_fn=collate_fn)
     tmp = None
