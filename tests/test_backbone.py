@@ -83,11 +83,14 @@ def test_memory_layer_causality_with_chunks():
     assert (mem(x2)[:, :3] - base[:, :3]).abs().max().item() < 1e-12
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_forward_backward_every_parameter_gets_gradient(variant):
+def test_forward_backward_every_parameter_gets_gradient(variant, autocast):
     model = TitansBackbone(small_config(variant))
     x = torch.randn(2, 19, 24, requires_grad=True)
-    model(x).pow(2).mean().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = model(x)
+    y.float().pow(2).mean().backward()
     assert torch.isfinite(x.grad).all()
     for name, p in model.named_parameters():
         assert p.grad is not None, name

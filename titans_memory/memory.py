@@ -141,9 +141,10 @@ class NeuralMemory(nn.Module):
         else:
             state.check_batch(x.shape[0])
         conv = dict(state.conv)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            qkv = self._project(x, conv, "qkv", "")
-            o, new_state = self._update(qkv, self._gates(x), state, return_state)
+        qkv = self._project(x, conv, "qkv", "")  # projections may run under autocast (bf16)
+        gates = self._gates(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # fp32 memory update
+            o, new_state = self._update(qkv, gates, state, return_state)
         y = self._output(o, x)
         if not return_state:
             return y
@@ -197,8 +198,8 @@ class NeuralMemory(nn.Module):
         Returns ``(h [B, T, D], state)``.
         """
         conv = dict(state.conv)
+        q = self._project(x, conv, "q", stream + ".")["q"]
         with torch.autocast(device_type=x.device.type, enabled=False):
-            q = self._project(x, conv, "q", stream + ".")["q"]
             o = memory_apply(q, self.current_weights(state), self.spec)
         state = MemoryState(state.weights, state.momentum, state.pending, conv, state.position)
         return self._output(o, x), state
