@@ -9,6 +9,7 @@ best-checkpoint restore, resumable checkpoints, mixed precision on GPU and the `
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -33,6 +34,7 @@ class TrainingConfig:
 
     Attributes:
         max_epochs: passes over the training data.
+        min_epochs: early stopping never stops before this many epochs.
         max_steps: stop after this many optimiser steps (-1: no limit).
         batch_size: samples per batch (per device).
         learning_rate, weight_decay: AdamW settings.
@@ -54,6 +56,7 @@ class TrainingConfig:
     """
 
     max_epochs: int = 20
+    min_epochs: int = 1
     max_steps: int = -1
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -118,6 +121,7 @@ def resolve_accelerator(accelerator: str) -> str:
     return accelerator
 
 
+@functools.lru_cache(maxsize=None)
 def _make_module_class():
     pl = _lightning()
 
@@ -192,6 +196,12 @@ def _make_module_class():
     return TitansLightningModule, HistoryCallback
 
 
+def lightning_module_class():
+    """The LightningModule class of :func:`build_lightning_module` (one class per process), for
+    integrations that must subclass it (e.g. to make it serialisable the GluonTS way)."""
+    return _make_module_class()[0]
+
+
 def build_lightning_module(network: nn.Module, loss_fn: LossFn, config: Optional[TrainingConfig] = None):
     """The library's LightningModule around ``network`` and ``loss_fn``.
 
@@ -227,9 +237,9 @@ def build_trainer(config: TrainingConfig, monitor: bool, extra_callbacks: Sequen
     history = HistoryCallback()
     callbacks: List[Any] = [ckpt, history, *extra_callbacks]
     if monitor and config.early_stopping_patience is not None:
-        callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=config.early_stopping_patience))
+        callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=config.early_stopping_patience, strict=False))
     kwargs: Dict[str, Any] = dict(
-        max_epochs=config.max_epochs, max_steps=config.max_steps, accelerator=accelerator,
+        max_epochs=config.max_epochs, min_epochs=min(config.min_epochs, config.max_epochs), max_steps=config.max_steps, accelerator=accelerator,
         devices=config.devices, num_nodes=config.num_nodes, strategy=config.strategy,
         precision=precision, gradient_clip_val=config.gradient_clip_val, callbacks=callbacks,
         enable_progress_bar=config.enable_progress_bar, logger=False, enable_model_summary=False,
@@ -287,14 +297,22 @@ def fit_module(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+            warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
             trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
         best = ckpt_cb.best_model_path
         best_score = ckpt_cb.best_model_score
         if val_loader is not None and best:
-            try:
-                state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-            except Exception as exc:  # pragma: no cover - corrupt file
-                raise CheckpointError(f"could not read the best checkpoint {best}: {exc}") from exc
+            state = None
+            # with several processes (DDP) only rank 0 wrote the checkpoint, in its own (possibly
+            # temporary, possibly node-local) folder: rank 0 reads it and broadcasts the weights
+            if trainer.world_size == 1 or trainer.is_global_zero:
+                try:
+                    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+                except Exception as exc:  # pragma: no cover - corrupt file
+                    raise CheckpointError(f"could not read the best checkpoint {best}: {exc}") from exc
+            if trainer.world_size > 1:
+                state = trainer.strategy.broadcast(state, src=0)
             network.load_state_dict({k[len("network."):]: v for k, v in state.items() if k.startswith("network.")})
         return FitResult(
             best_val_loss=float(best_score) if best_score is not None else float("nan"),
