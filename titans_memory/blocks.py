@@ -35,6 +35,11 @@ class _Mixer(nn.Module):
         self.memory = NeuralMemory(cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.memory)
         self.persistent = nn.Parameter(torch.randn(cfg.persistent_tokens, cfg.d_model) * 0.02)
 
+    @staticmethod
+    def _refuse_state(state, return_state: bool) -> None:
+        if state is not None or return_state:
+            raise StateError("state carry is implemented for the 'lmm' variant only")
+
     def _prepend(self, x: Tensor) -> Tensor:
         return torch.cat([self.persistent.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1), x], dim=1)
 
@@ -60,8 +65,7 @@ class MACMixer(_Mixer):
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.head_dim)
 
     def forward(self, x: Tensor, state: Optional[MemoryState] = None, return_state: bool = False):
-        if state is not None or return_state:
-            raise StateError("state carry is implemented for the 'lmm' variant only")
+        self._refuse_state(state, return_state)
         st = self.memory.initial_state(x.shape[0], x.device)
         outs = []
         for start in range(0, x.shape[1], self.cfg.segment_size):
@@ -81,8 +85,7 @@ class MAGMixer(_Mixer):
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.head_dim)
 
     def forward(self, x: Tensor, state: Optional[MemoryState] = None, return_state: bool = False):
-        if state is not None or return_state:
-            raise StateError("state carry is implemented for the 'lmm' variant only")
+        self._refuse_state(state, return_state)
         n_p = self.persistent.shape[0]
         m = self.memory(self._prepend(x))[:, n_p:]
         a = self.attn.sliding_window(x, self.cfg.window_size, self.persistent.to(x.dtype))
@@ -97,8 +100,7 @@ class MALMixer(_Mixer):
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.head_dim)
 
     def forward(self, x: Tensor, state: Optional[MemoryState] = None, return_state: bool = False):
-        if state is not None or return_state:
-            raise StateError("state carry is implemented for the 'lmm' variant only")
+        self._refuse_state(state, return_state)
         n_p = self.persistent.shape[0]
         m = self.memory(self._prepend(x))[:, n_p:]
         return self.attn.sliding_window(m, self.cfg.window_size, self.persistent.to(x.dtype))
