@@ -108,6 +108,8 @@ class TitansForecaster(BaseEstimator):
         freq: frequency override (pandas alias, or int step for integer timestamps); None infers.
         device: ``"auto"`` (GPU when available), ``"cpu"``, ``"gpu"``/``"cuda"``, ``"cuda:N"``, ``"mps"``.
         devices, strategy, num_nodes, precision, num_workers: passed to the Lightning trainer via
+            (``devices=1`` by default: one GPU or the CPU; ``devices=N, strategy="ddp"`` for
+            data-parallel training, which relaunches the script, so not from a notebook)
             :class:`~titans_memory.training.TrainingConfig` (precision None: bf16-mixed on GPU).
         random_state: seed of the weights and of the training order.
         enable_progress_bar: Lightning's progress bar.
@@ -153,7 +155,7 @@ class TitansForecaster(BaseEstimator):
         nan_policy: str = "error",
         freq: Any = None,
         device: str = "auto",
-        devices: Any = "auto",
+        devices: Any = 1,
         strategy: Any = "auto",
         num_nodes: int = 1,
         precision: Optional[str] = None,
@@ -278,7 +280,7 @@ class TitansForecaster(BaseEstimator):
         if d in ("gpu", "cuda"):
             return "gpu", devices
         if d.startswith("cuda:"):
-            return "gpu", [int(d.split(":", 1)[1])] if devices == "auto" else devices
+            return "gpu", [int(d.split(":", 1)[1])] if devices in ("auto", 1) else devices
         if d == "mps":
             return "mps", devices
         raise ConfigError(f"device must be 'auto', 'cpu', 'gpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")

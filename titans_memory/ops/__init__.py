@@ -1,6 +1,21 @@
-"""Neural-memory operators: a token-by-token reference and the chunked parallel form.
+"""Neural-memory operators: a token-by-token reference, the chunked parallel form, its
+memory-light checkpointed variant and the fused Triton kernels.
 
-:func:`neural_memory` dispatches to the fastest implementation available for the inputs.
+:func:`neural_memory` dispatches to the fastest implementation available for the inputs:
+
+============== =============================================================================
+``impl``       implementation
+============== =============================================================================
+``"auto"``     ``"triton"`` for CUDA inputs it supports (depth 1-2, norm off, clipping on or
+               off, fp32, chunk 16/32/64, head_dim 16/32/64: see
+               :func:`~titans_memory.ops.fused.triton_unsupported_reason`), else ``"torch"``
+``"triton"``   fused Triton kernels (:mod:`titans_memory.ops.fused`); a clear
+               :class:`~titans_memory.errors.ConfigError` if Triton or the shape is unsupported
+``"checkpointed"`` chunked PyTorch with segment checkpointing: same numbers as ``"torch"``,
+               ``O(sqrt(T))`` saved state instead of ``O(T)`` (any configuration)
+``"torch"``    chunked PyTorch (:mod:`titans_memory.ops.chunked`), autograd through the loop
+``"naive"``    token-by-token reference (:mod:`titans_memory.ops.naive`), the specification
+============== =============================================================================
 """
 
 from __future__ import annotations
@@ -9,11 +24,13 @@ from typing import List, Optional, Sequence, Tuple
 
 from torch import Tensor
 
+from .checkpointed import neural_memory_checkpointed
 from .chunked import neural_memory_chunked
+from .fused import neural_memory_triton, triton_available, triton_unsupported_reason
 from .mlp import MemoryMLPSpec, layer_shapes, memory_apply
 from .naive import neural_memory_recurrent
 
-IMPLS = ("auto", "torch", "naive")
+IMPLS = ("auto", "triton", "checkpointed", "torch", "naive")
 
 
 def neural_memory(
@@ -32,8 +49,22 @@ def neural_memory(
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """Update-and-retrieve over a sequence; see :mod:`titans_memory.ops.chunked` for the maths.
 
-    ``impl``: ``"torch"`` (chunked PyTorch), ``"naive"`` (token-by-token reference) or ``"auto"``.
+    ``impl``: ``"auto"``, ``"triton"``, ``"checkpointed"``, ``"torch"`` or ``"naive"`` (see the
+    module docstring). All compute the same function; gradients flow to every tensor argument.
     """
+    if impl == "auto":
+        impl = "torch"
+        if q.is_cuda and triton_unsupported_reason(q, weights, spec, chunk_size, max_update_norm) is None:
+            if triton_available():
+                impl = "triton"
+    if impl == "triton":
+        return neural_memory_triton(
+            q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size, max_update_norm
+        )
+    if impl == "checkpointed":
+        return neural_memory_checkpointed(
+            q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size, max_update_norm
+        )
     if impl == "naive":
         return neural_memory_recurrent(
             q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size, max_update_norm
@@ -52,6 +83,10 @@ __all__ = [
     "layer_shapes",
     "memory_apply",
     "neural_memory",
+    "neural_memory_checkpointed",
     "neural_memory_chunked",
     "neural_memory_recurrent",
+    "neural_memory_triton",
+    "triton_available",
+    "triton_unsupported_reason",
 ]
