@@ -6,7 +6,7 @@ memory-light checkpointed variant and the fused Triton kernels.
 ============== =============================================================================
 ``impl``       implementation
 ============== =============================================================================
-``"auto"``     ``"triton"`` for CUDA inputs it supports (depth 1-2, norm off, clipping on or
+``"auto"``     (with ``TITANS_MEMORY_TRITON=1``, see ``TRITON_AUTO``) ``"triton"`` for CUDA inputs it supports (depth 1-2, norm off, clipping on or
                off, fp32, chunk 16/32/64, head_dim 16/32/64: see
                :func:`~titans_memory.ops.fused.triton_unsupported_reason`), else ``"torch"``
 ``"triton"``   fused Triton kernels (:mod:`titans_memory.ops.fused`); a clear
@@ -20,6 +20,8 @@ memory-light checkpointed variant and the fused Triton kernels.
 
 from __future__ import annotations
 
+import os
+
 from typing import List, Optional, Sequence, Tuple
 
 from torch import Tensor
@@ -31,6 +33,11 @@ from .mlp import MemoryMLPSpec, layer_shapes, memory_apply
 from .naive import neural_memory_recurrent
 
 IMPLS = ("auto", "triton", "checkpointed", "torch", "naive")
+
+# Whether ``impl="auto"`` picks the Triton kernels on CUDA. Off until the kernels' GPU check
+# (``benchmarks/kernels.py --check``) has passed on a GPU: so far they are verified only under
+# ``TRITON_INTERPRET=1``. Set ``TITANS_MEMORY_TRITON=1`` to opt in (or pass ``impl="triton"``).
+TRITON_AUTO = os.environ.get("TITANS_MEMORY_TRITON", "0") == "1"
 
 
 def neural_memory(
@@ -54,9 +61,13 @@ def neural_memory(
     """
     if impl == "auto":
         impl = "torch"
-        if q.is_cuda and triton_unsupported_reason(q, weights, spec, chunk_size, max_update_norm) is None:
-            if triton_available():
-                impl = "triton"
+        if (
+            TRITON_AUTO
+            and q.is_cuda
+            and triton_unsupported_reason(q, weights, spec, chunk_size, max_update_norm) is None
+            and triton_available()
+        ):
+            impl = "triton"
     if impl == "triton":
         return neural_memory_triton(
             q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size, max_update_norm
