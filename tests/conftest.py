@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton kernels are defined when titans_memory is first imported: without a GPU they must be
+# defined in interpreter mode, so the variable is set before any test module imports the library.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED_DATA = Path(os.environ.get("TITANS_TEST_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 

@@ -89,6 +89,9 @@ WORKER = textwrap.dedent('''
     if __name__ == "__main__":
         kind, devices, data, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
         {"fit_module": fit_module_run, "forecaster": forecaster_run}[kind](devices, data, out)
+        if torch.distributed.is_initialized():  # tear gloo down before interpreter exit
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 ''')
 
 
