@@ -167,6 +167,8 @@ class TitansSequenceClassifier(ClassifierMixin, BaseEstimator):
             selection when ``fit`` gets no ``X_val`` (0 or None: no validation).
         early_stopping_patience: epochs without validation improvement before stopping.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        devices, strategy, num_nodes: passed to the Lightning trainer (``devices=N,
+            strategy="ddp"`` for data-parallel training; it relaunches the script).
         precision: Lightning precision for training; None = bf16-mixed on GPU, fp32 on CPU
             (inference then also runs under bf16 autocast on GPU).
         num_workers: DataLoader workers for training.
@@ -209,6 +211,9 @@ class TitansSequenceClassifier(ClassifierMixin, BaseEstimator):
         val_size: Optional[float] = 0.1,
         early_stopping_patience: Optional[int] = 3,
         device: str = "auto",
+        devices: Any = 1,
+        strategy: Any = "auto",
+        num_nodes: int = 1,
         precision: Optional[str] = None,
         num_workers: int = 0,
         predict_batch_size: Optional[int] = None,
@@ -244,6 +249,9 @@ class TitansSequenceClassifier(ClassifierMixin, BaseEstimator):
         self.val_size = val_size
         self.early_stopping_patience = early_stopping_patience
         self.device = device
+        self.devices = devices
+        self.strategy = strategy
+        self.num_nodes = num_nodes
         self.precision = precision
         self.num_workers = num_workers
         self.predict_batch_size = predict_batch_size
@@ -469,8 +477,8 @@ class TitansSequenceClassifier(ClassifierMixin, BaseEstimator):
             weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
             early_stopping_patience=self.early_stopping_patience if val_tokens is not None else None,
             accelerator="gpu" if device.type == "cuda" else "cpu",
-            devices=[device.index] if device.type == "cuda" and device.index is not None else 1,
-            precision=self.precision, num_workers=self.num_workers,
+            devices=[device.index] if device.type == "cuda" and device.index is not None and self.devices == 1 else self.devices,
+            strategy=self.strategy, num_nodes=self.num_nodes, precision=self.precision, num_workers=self.num_workers,
             enable_progress_bar=self.enable_progress_bar, seed=self.random_state,
         )
         train_loader = DataLoader(
