@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the project in one device call (run THERE, from the repo root, with
+# carry [".carry/device"] built by benchmarks/device/prepare.sh). Each stage has its own time
+# limit; outputs and logs are copied to $OUT (they come back) as they are produced.
+# Stages (pick with STAGES="check kernels ltsf genomics"): ~0.5 + 2 + 7 + 7 minutes.
+set -uo pipefail
+C=.carry/device
+export PYTHONUNBUFFERED=1 TITANS_DATA_DIR=$PWD/$C/data
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $C/whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+STAGES=${STAGES:-"check kernels ltsf genomics"}
+# at most 8 files come back: the logs plus one archive of RESULTS.md and benchmarks/results/
+save() { tar czf "$OUT/results.tgz" benchmarks/RESULTS.md benchmarks/results; }
+for s in $STAGES; do
+  echo "=== $s $(date -u +%T)"
+  case $s in
+    check)    timeout 120 python3 benchmarks/backbone_check.py 2>&1 | tee "$OUT/check.log"
+              timeout 300 python3 benchmarks/kernels.py --check 2>&1 | tee -a "$OUT/check.log"
+              # the Triton kernels serve impl="auto" in the later stages only if their GPU check passed
+              if [ "${PIPESTATUS[0]}" = 0 ]; then export TITANS_MEMORY_TRITON=1; fi
+              echo "TITANS_MEMORY_TRITON=${TITANS_MEMORY_TRITON:-0}" | tee -a "$OUT/check.log" ;;
+    kernels)  timeout 300 python3 benchmarks/kernels.py --out-md benchmarks/RESULTS.md 2>&1 | tee "$OUT/kernels.log" ;;
+    ltsf)     timeout 480 python3 benchmarks/ltsf.py --datasets ETTh1 ETTh2 ETTm1 ETTm2 Weather \
+                --horizons 96 192 336 720 --seeds 0 --data-dir "$TITANS_DATA_DIR" --out-md 2>&1 | tee "$OUT/ltsf.log" ;;
+    genomics) timeout 480 python3 benchmarks/genomics.py --data-dir "$TITANS_DATA_DIR" --long \
+                --out-md benchmarks/RESULTS.md 2>&1 | tee "$OUT/genomics.log" ;;
+  esac
+  save
+done
