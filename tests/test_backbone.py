@@ -165,3 +165,20 @@ def test_config_validation():
     assert TitansConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError):
         TitansConfig.from_dict({"d_model": 8, "bogus": 1})
+
+
+def test_memory_impl_from_config_same_function():
+    """``MemoryConfig.impl="checkpointed"`` (memory-light) gives the chunked path's outputs and
+    gradients (fp64, 1e-12)."""
+    results = []
+    for impl in ("torch", "checkpointed"):
+        torch.manual_seed(3)
+        model = TitansBackbone(small_config("lmm", impl=impl)).double()
+        assert all(layer.mixer.memory.impl == impl for layer in model.layers)
+        x = torch.randn(2, 19, 24, dtype=F64, requires_grad=True)
+        y = model(x)
+        results.append((y, *torch.autograd.grad(y.pow(2).sum(), [x, *model.parameters()])))
+    for a, b in zip(*results):
+        assert (a - b).abs().max().item() < 1e-12
+    with pytest.raises(ConfigError):
+        MemoryConfig(impl="cuda-magic")

@@ -34,6 +34,9 @@ class MemoryConfig:
         max_update_norm: clip of each token's inner-gradient Frobenius norm (None disables).
             With the default gates this keeps a depth-4 memory finite and alive over 16k random
             tokens; without it, mini-batch steps of 64 summed gradients can diverge.
+        impl: operator implementation (see :func:`titans_memory.ops.neural_memory`):
+            ``"auto"``, ``"torch"``, ``"checkpointed"`` (memory-light training on long
+            sequences), ``"triton"`` or ``"naive"``. All compute the same function.
     """
 
     depth: int = 2
@@ -49,6 +52,7 @@ class MemoryConfig:
     alpha_init: float = 1e-3
     gates_per_chunk: bool = False
     max_update_norm: Optional[float] = 1.0
+    impl: str = "auto"
 
     def __post_init__(self) -> None:
         if not 1 <= self.depth <= 4:
@@ -69,6 +73,8 @@ class MemoryConfig:
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
                 raise ConfigError(f"{name} must be in (0, 1), got {value}")
+        if self.impl not in ("auto", "torch", "checkpointed", "triton", "naive"):
+            raise ConfigError(f"unknown memory impl {self.impl!r}")
         if self.max_update_norm is not None and self.max_update_norm <= 0:
             raise ConfigError(f"max_update_norm must be > 0 or None, got {self.max_update_norm}")
 

@@ -45,14 +45,15 @@ class NeuralMemory(nn.Module):
         n_heads: heads H.
         head_dim: per-head width d.
         config: :class:`~titans_memory.config.MemoryConfig`.
-        impl: operator implementation passed to :func:`~titans_memory.ops.neural_memory`.
+        impl: operator implementation passed to :func:`~titans_memory.ops.neural_memory`
+            (``None``: ``config.impl``).
     """
 
-    def __init__(self, d_model: int, n_heads: int, head_dim: int, config: MemoryConfig = MemoryConfig(), impl: str = "auto") -> None:
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, config: MemoryConfig = MemoryConfig(), impl: Optional[str] = None) -> None:
         super().__init__()
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, head_dim
         self.config = config
-        self.impl = impl
+        self.impl = impl or config.impl
         self.spec = MemoryMLPSpec(config.activation, config.residual, config.norm)
         inner = n_heads * head_dim
         self.qkv = nn.Linear(d_model, 3 * inner, bias=False)
