@@ -439,16 +439,3 @@ def test_ltsf_eval_counts_every_test_window(tmp_path):
     ltsf.write_md(md, table)
     text = md.read_text()
     assert "keep me" in text and "also keep" in text and "old" not in text and text.count("## LTSF") == 1
-
-
-def test_linear_skip_branch(etth1, tmp_path):
-    """The RLinear branch: quantiles stay ordered, the branch carries weight, save/load keeps it."""
-    model = tiny(linear_skip=True, loss="quantile", quantiles=[0.1, 0.5, 0.9]).fit(etth1.iloc[:400])
-    assert model.model_.skip is not None and model.model_.skip.weight.abs().sum() > 0
-    fc = model.predict()
-    name = model.model_name
-    assert (fc[f"{name}-lo-80"] <= fc[name]).all() and (fc[name] <= fc[f"{name}-hi-80"]).all()
-    loaded = TitansForecaster.load(model.save(tmp_path / "skip"))
-    pd.testing.assert_frame_equal(fc, loaded.predict())
-    without = tiny().fit(etth1.iloc[:400])
-    assert without.model_.skip is None

@@ -88,7 +88,6 @@ class TitansForecaster(BaseEstimator):
         chunk_size: memory chunk (tokens); gradients inside a chunk are taken at its start weights.
         ffn_mult: feed-forward width multiple (0: none). dropout: backbone dropout;
         head_dropout: dropout before the head.
-        linear_skip: add a linear (RLinear) branch from the normalised window to the horizon.
         persistent_tokens, window_size, segment_size: attention settings of mac / mag / mal.
         revin, revin_affine: reversible instance normalisation (and its affine parameters).
         loss: ``"mse"``, ``"mae"`` or ``"quantile"`` (pinball loss).
@@ -136,7 +135,6 @@ class TitansForecaster(BaseEstimator):
         ffn_mult: int = 2,
         dropout: float = 0.1,
         head_dropout: float = 0.0,
-        linear_skip: bool = False,
         persistent_tokens: int = 4,
         window_size: int = 16,
         segment_size: int = 16,
@@ -183,7 +181,6 @@ class TitansForecaster(BaseEstimator):
         self.ffn_mult = ffn_mult
         self.dropout = dropout
         self.head_dropout = head_dropout
-        self.linear_skip = linear_skip
         self.persistent_tokens = persistent_tokens
         self.window_size = window_size
         self.segment_size = segment_size
@@ -387,7 +384,6 @@ class TitansForecaster(BaseEstimator):
         network = TitansForecastNetwork(
             L, H, panel.n_features, s_per_window, self._backbone_config(), self.patch_len, self.stride,
             self.channel_mode, self.head, quantiles, self.revin, self.revin_affine, self.head_dropout,
-            bool(self.linear_skip),
         )
         accelerator, devices = self._accelerator()
         patience = self.early_stopping_patience if val else None
@@ -412,7 +408,6 @@ class TitansForecaster(BaseEstimator):
             "backbone": self._backbone_config().to_dict(), "patch_len": self.patch_len, "stride": self.stride,
             "channel_mode": self.channel_mode, "head": self.head, "quantiles": quantiles,
             "revin": self.revin, "revin_affine": self.revin_affine, "head_dropout": self.head_dropout,
-            "linear_skip": bool(self.linear_skip),
         }
         self.quantiles_ = quantiles
         self.series_ids_ = list(panel.ids)
@@ -822,7 +817,7 @@ class TitansForecaster(BaseEstimator):
         network = TitansForecastNetwork(
             cfg["input_size"], cfg["h"], cfg["n_features"], cfg["n_series"], TitansConfig.from_dict(cfg["backbone"]),
             cfg["patch_len"], cfg["stride"], cfg["channel_mode"], cfg["head"], cfg["quantiles"], cfg["revin"],
-            cfg["revin_affine"], cfg["head_dropout"], cfg.get("linear_skip", False),
+            cfg["revin_affine"], cfg["head_dropout"],
         )
         try:
             network.load_state_dict(load_file(str(files[1])), strict=True)

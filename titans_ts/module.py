@@ -128,9 +128,6 @@ class TitansForecastNetwork(nn.Module):
             monotone by cumulative softplus increments from the lowest quantile.
         revin, revin_affine: reversible instance normalisation and its affine parameters.
         head_dropout: dropout before the head.
-        linear_skip: add a linear map of the (normalised) target window to the horizon, shared
-            across series (an RLinear branch beside the Titans path; the Titans path then models
-            what a linear forecast misses).
     """
 
     def __init__(
@@ -148,7 +145,6 @@ class TitansForecastNetwork(nn.Module):
         revin: bool = True,
         revin_affine: bool = False,
         head_dropout: float = 0.0,
-        linear_skip: bool = False,
     ) -> None:
         super().__init__()
         if channel_mode not in CHANNEL_MODES:
@@ -173,7 +169,6 @@ class TitansForecastNetwork(nn.Module):
         n_tokens = self.embed.n_patches if head == "flatten" else 1
         self.head_drop = nn.Dropout(head_dropout)
         self.head = nn.Linear(n_tokens * d, self.h * self.n_out * self.n_q)
-        self.skip = nn.Linear(self.input_size, self.h) if linear_skip else None
 
     @property
     def n_patches(self) -> int:
@@ -198,16 +193,12 @@ class TitansForecastNetwork(nn.Module):
         z = self.backbone(self.embed(seq))                             # [B', N, D]
         z = z.flatten(1) if self.head_kind == "flatten" else z[:, -1]
         out = self.head(self.head_drop(z)).view(z.shape[0], self.h, self.n_out, self.n_q).float()
-        tgt = torch.arange(self.n_out, device=out.device) * (f if self.channel_mode == "mixing" else 0)
-        if self.skip is not None:
-            # [B', L, n_out] target channels -> [B', H, n_out], added to the base output
-            lin = self.skip(seq[:, :, tgt].transpose(1, 2)).transpose(1, 2).float()
-            out = torch.cat([out[..., :1] + lin[..., None], out[..., 1:]], dim=-1)
         if self.n_q > 1:
             base = out[..., :1]
             out = torch.cat([base, base + torch.cumsum(F.softplus(out[..., 1:]), dim=-1)], dim=-1)
         if self.revin is not None:
-            # the targets are channel 0 of each series' group of F channels (tgt above)
+            # the targets are channel 0 of each series' group of F channels
+            tgt = torch.arange(self.n_out, device=out.device) * (f if self.channel_mode == "mixing" else 0)
             shape = (out.shape[0], 1, self.n_out, 1)
             m = mean[:, 0, tgt].reshape(shape).float()
             sd = std[:, 0, tgt].reshape(shape).float()
