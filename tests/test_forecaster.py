@@ -439,3 +439,14 @@ def test_ltsf_eval_counts_every_test_window(tmp_path):
     ltsf.write_md(md, table)
     text = md.read_text()
     assert "keep me" in text and "also keep" in text and "old" not in text and text.count("## LTSF") == 1
+
+
+def test_interrupted_fit_resumes_from_checkpoint_dir(etth1, tmp_path):
+    """With ``checkpoint_dir`` a fit that stopped (here: after 2 of 3 epochs) continues from its
+    last checkpoint instead of starting over."""
+    ckpt = tmp_path / "ckpt"
+    first = tiny(max_epochs=2, checkpoint_dir=str(ckpt), early_stopping_patience=None).fit(etth1.iloc[:400])
+    assert [row["epoch"] for row in first.history_] == [0.0, 1.0]
+    assert (ckpt / "last.ckpt").is_file()
+    resumed = tiny(max_epochs=3, checkpoint_dir=str(ckpt), early_stopping_patience=None).fit(etth1.iloc[:400])
+    assert [row["epoch"] for row in resumed.history_] == [2.0]

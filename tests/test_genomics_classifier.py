@@ -326,3 +326,16 @@ def test_each_variant_fits_one_step(variant):
         with pytest.raises(StateError, match="'lmm' variant"):
             clf.predict_proba_long(X[:1], piece_length=16)
         assert issubclass(StateError, TitansError)
+
+
+def test_interrupted_fit_resumes_from_checkpoint_dir(tmp_path):
+    """``checkpoint_dir``: running the same fit again continues from the last checkpoint."""
+    rng = np.random.default_rng(0)
+    seqs = ["".join(rng.choice(list("ACGT"), 40)) for _ in range(40)]
+    labels = [i % 2 for i in range(40)]
+    kw = dict(d_model=16, n_layers=1, n_heads=2, batch_size=16, early_stopping_patience=None,
+              enable_progress_bar=False, random_state=0, checkpoint_dir=str(tmp_path / "ckpt"), device="cpu")
+    first = TitansSequenceClassifier(max_epochs=2, **kw).fit(seqs, labels)
+    assert len(first.history_) == 2
+    resumed = TitansSequenceClassifier(max_epochs=3, **kw).fit(seqs, labels)
+    assert [row["epoch"] for row in resumed.history_] == [2.0]

@@ -176,6 +176,9 @@ class TitansSequenceClassifier(ClassifierMixin, BaseEstimator):
         piece_length: bp per piece in chunked long-sequence inference.
         sequence_col, label_col: DataFrame column names.
         random_state: seed for weights, the validation split, shuffling and augmentation.
+        checkpoint_dir: directory for training checkpoints; when set, a fit that was interrupted
+            resumes from its ``last.ckpt`` there when the same fit is run again (use a fresh
+            directory for a new fit). None: a temporary directory, no resume.
         enable_progress_bar: show training and (long) prediction progress bars.
 
     Fitted attributes: ``classes_``, ``model_`` (:class:`TitansSequenceNetwork`), ``tokenizer_``,
@@ -221,6 +224,7 @@ class TitansSequenceClassifier(ClassifierMixin, BaseEstimator):
         sequence_col: str = "sequence",
         label_col: str = "label",
         random_state: Optional[int] = None,
+        checkpoint_dir: Optional[str] = None,
         enable_progress_bar: bool = True,
     ) -> None:
         self.variant = variant
@@ -259,6 +263,7 @@ class TitansSequenceClassifier(ClassifierMixin, BaseEstimator):
         self.sequence_col = sequence_col
         self.label_col = label_col
         self.random_state = random_state
+        self.checkpoint_dir = checkpoint_dir
         self.enable_progress_bar = enable_progress_bar
 
     # -----------------------------------------------------------------------------------------
@@ -480,6 +485,8 @@ class TitansSequenceClassifier(ClassifierMixin, BaseEstimator):
             devices=[device.index] if device.type == "cuda" and device.index is not None and self.devices == 1 else self.devices,
             strategy=self.strategy, num_nodes=self.num_nodes, precision=self.precision, num_workers=self.num_workers,
             enable_progress_bar=self.enable_progress_bar, seed=self.random_state,
+            checkpoint_dir=None if self.checkpoint_dir is None else str(self.checkpoint_dir),
+            resume=self.checkpoint_dir is not None,
         )
         train_loader = DataLoader(
             _SeqDataset(tokens, y_idx), batch_size=self.batch_size, shuffle=True,

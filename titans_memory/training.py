@@ -298,6 +298,8 @@ def fit_module(
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
             warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+            if config.resume:  # the checkpoint directory is expected to hold the run's files
+                warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
             warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
             trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
         best = ckpt_cb.best_model_path

@@ -112,6 +112,9 @@ class TitansForecaster(BaseEstimator):
             data-parallel training, which relaunches the script, so not from a notebook)
             :class:`~titans_memory.training.TrainingConfig` (precision None: bf16-mixed on GPU).
         random_state: seed of the weights and of the training order.
+        checkpoint_dir: directory for training checkpoints; when set, a fit that was interrupted
+            resumes from its ``last.ckpt`` there when the same fit is run again (use a fresh
+            directory for a new fit). None: a temporary directory, no resume.
         enable_progress_bar: Lightning's progress bar.
         alias: name of the forecast column (default ``"TitansForecaster"``).
         eval_batch_size: windows per forward pass at prediction (None: 4 x batch_size).
@@ -161,6 +164,7 @@ class TitansForecaster(BaseEstimator):
         precision: Optional[str] = None,
         num_workers: int = 0,
         random_state: Optional[int] = None,
+        checkpoint_dir: Optional[str] = None,
         enable_progress_bar: bool = True,
         alias: Optional[str] = None,
         eval_batch_size: Optional[int] = None,
@@ -207,6 +211,7 @@ class TitansForecaster(BaseEstimator):
         self.precision = precision
         self.num_workers = num_workers
         self.random_state = random_state
+        self.checkpoint_dir = checkpoint_dir
         self.enable_progress_bar = enable_progress_bar
         self.alias = alias
         self.eval_batch_size = eval_batch_size
@@ -396,6 +401,8 @@ class TitansForecaster(BaseEstimator):
             accelerator=accelerator, devices=devices, num_nodes=self.num_nodes, strategy=self.strategy,
             precision=self.precision, num_workers=self.num_workers,
             enable_progress_bar=self.enable_progress_bar, seed=self.random_state,
+            checkpoint_dir=None if self.checkpoint_dir is None else str(self.checkpoint_dir),
+            resume=self.checkpoint_dir is not None,
             limit_train_batches=float(self.train_fraction) if self.train_fraction < 1 else None,
         )
         t0 = time.perf_counter()
