@@ -253,6 +253,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--cpu-row", action="store_true", help="ETTh1 h=96 with the default config on the CPU; prints the wall time")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--csv", default=None, help="results CSV (default benchmarks/results/ltsf.csv)")
+    ap.add_argument("--resume", action="store_true",
+                    help="skip dataset/horizon/seed rows already in the CSV (continue an interrupted grid)")
     ap.add_argument("--out-md", nargs="?", const=str(ROOT / "benchmarks" / "RESULTS.md"), default=None,
                     help="write the table into the '## LTSF' section of this file (default benchmarks/RESULTS.md)")
     args = ap.parse_args(argv)
@@ -271,15 +273,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     csv_path = Path(args.csv) if args.csv else results / ("ltsf_quick.csv" if args.quick else "ltsf.csv")
     rows = []
+    model_name = MODEL + ("-quick" if args.quick else "")
+    done = set()
+    if args.resume and csv_path.is_file():
+        done = {(r["dataset"], int(r["horizon"]), int(r["seed"])) for r in pd.read_csv(csv_path).to_dict("records")
+                if r["model"] == model_name and r["variant"] == args.variant}
     t_all = time.perf_counter()
     for name in args.datasets:
         if name not in CONFIGS:
             ap.error(f"unknown dataset {name}; choose from {DATASETS}")
         for horizon in args.horizons:
             for seed in args.seeds:
+                if (name, horizon, seed) in done:
+                    print(f"{name:8s} h={horizon:<4d} seed={seed} already in {csv_path} (--resume): skipped", flush=True)
+                    continue
                 rows.append(run_one(name, horizon, seed, args.variant, args.data_dir, args.device, args.max_epochs, args.quick, cache))
+                update_csv(csv_path, rows)  # keep what is done if interrupted later
         cache.pop(name, None)
-        update_csv(csv_path, rows)  # keep what is done if interrupted later
     merged = update_csv(csv_path, rows)
     print(f"\ntotal wall time {time.perf_counter() - t_all:.1f}s; results in {csv_path}\n")
     table = markdown(merged, MODEL + ("-quick" if args.quick else ""), args.variant)

@@ -22,7 +22,7 @@ for s in $STAGES; do
               echo "TITANS_MEMORY_TRITON=${TITANS_MEMORY_TRITON:-0}" | tee -a "$OUT/check.log" ;;
     kernels)  timeout 300 python3 benchmarks/kernels.py --out-md benchmarks/RESULTS.md 2>&1 | tee "$OUT/kernels.log" ;;
     ltsf)     timeout 480 python3 benchmarks/ltsf.py --datasets ETTh1 ETTh2 ETTm1 ETTm2 Weather \
-                --horizons 96 192 336 720 --seeds 0 --data-dir "$TITANS_DATA_DIR" --out-md 2>&1 | tee "$OUT/ltsf.log" ;;
+                --horizons 96 192 336 720 --seeds 0 --data-dir "$TITANS_DATA_DIR" --resume --out-md 2>&1 | tee "$OUT/ltsf.log" ;;
     genomics) timeout 480 python3 benchmarks/genomics.py --data-dir "$TITANS_DATA_DIR" --long \
                 --out-md benchmarks/RESULTS.md 2>&1 | tee "$OUT/genomics.log" ;;
   esac
