@@ -516,7 +516,8 @@ def main(argv=None) -> int:
                 last_lmm = res.pop("model")
             else:
                 res.pop("model")
-        _merge_csv(args.out_csv, [r["row"] for r in results], CSV_COLUMNS, ["task", "model", "variant", "seed"])
+            # saved after every task, so an interrupted run keeps what it finished
+            _merge_csv(args.out_csv, [res["row"]], CSV_COLUMNS, ["task", "model", "variant", "seed"])
     long_rows = []
     if args.long or args.long_only:
         print(f"[{time.perf_counter() - start:6.0f}s] long-sequence inference", flush=True)
