@@ -156,7 +156,7 @@ class TitansSequenceClassifier(ClassifierMixin, BaseEstimator):
         persistent_tokens, window_size, segment_size: settings of the MAC/MAG/MAL variants.
         max_length: sequences longer than this many bp are cut (``truncation``) in ``fit`` and
             ``predict``; None keeps full length (sequences over ``piece_length`` are then
-            predicted in pieces with the carried memory state, LMM only).
+            predicted in pieces with the carried memory state).
         truncation: ``"center"``, ``"right"`` (keep the start) or ``"left"`` (keep the end).
         rc_augment: reverse-complement each training sample with probability 1/2.
         rc_average: average the predicted probabilities of a sequence and its reverse complement
@@ -607,7 +607,7 @@ class TitansSequenceClassifier(ClassifierMixin, BaseEstimator):
             raise ConfigError(f"piece_length must be >= 1, got {piece}")
         if stream_all:
             long_idx = list(range(len(seqs)))
-        elif self.max_length is None and self.model_.supports_state:
+        elif self.max_length is None:
             long_idx = [i for i, s in enumerate(seqs) if len(s) > piece]
         else:
             long_idx = []
@@ -654,8 +654,8 @@ class TitansSequenceClassifier(ClassifierMixin, BaseEstimator):
 
     def predict_proba_long(self, X, piece_length: Optional[int] = None) -> np.ndarray:
         """Like :meth:`predict_proba`, but every sequence runs in pieces of ``piece_length`` bp with
-        the carried memory state: constant memory in the sequence length (LMM variant only;
-        other variants raise :class:`~titans_memory.errors.StateError`). No truncation."""
+        the carried memory state: constant memory in the sequence length (any variant). No
+        truncation."""
         return self._outputs(X, "proba", bool(self.rc_average), piece_length, stream_all=True)
 
     def predict_long(self, X, piece_length: Optional[int] = None) -> np.ndarray:
@@ -666,7 +666,7 @@ class TitansSequenceClassifier(ClassifierMixin, BaseEstimator):
     def embed(self, X, piece_length: Optional[int] = None, rc_average: bool = False, chunked: bool = False) -> np.ndarray:
         """Pooled sequence embeddings ``[n, feature_dim]`` (the head's input).
 
-        ``chunked=True`` runs every sequence in pieces with the carried state (LMM only);
+        ``chunked=True`` runs every sequence in pieces with the carried state;
         otherwise only sequences longer than ``piece_length`` do (when ``max_length`` is None).
         ``rc_average`` averages the embeddings of both strands.
         """

@@ -13,7 +13,7 @@ logits ``[B, C]``:
 Padding never changes a prediction: the backbone is causal (output ``t`` sees inputs ``0..t``),
 padding is on the right, and pooling ignores padded positions.
 
-For the ``"lmm"`` variant :meth:`TitansSequenceNetwork.features_stream` runs one sequence given in
+For every variant :meth:`TitansSequenceNetwork.features_stream` runs one sequence given in
 pieces with the carried memory state, so a sequence of any length is pooled in constant memory;
 the result equals the one-shot :meth:`features` (up to float rounding).
 """
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from titans_memory import TitansBackbone, TitansConfig
-from titans_memory.errors import ConfigError, ShapeError, StateError
+from titans_memory.errors import ConfigError, ShapeError
 
 POOLINGS = ("mean", "last", "mean+last")
 
@@ -72,10 +72,6 @@ class TitansSequenceNetwork(nn.Module):
             nn.Linear(self.feature_dim, d), nn.GELU(), nn.Dropout(head_dropout), nn.Linear(d, n_classes)
         )
 
-    @property
-    def supports_state(self) -> bool:
-        return self.backbone.supports_state
-
     # ------------------------------------------------------------------------------------------
     def _check(self, input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
         if input_ids.dim() != 2:
@@ -118,15 +114,9 @@ class TitansSequenceNetwork(nn.Module):
 
         ``pieces`` yields ids ``[B, t_i]`` (no padding; row ``b`` of every piece continues
         sequence ``b``). The memory state is carried between pieces, so the result equals
-        :meth:`features` on the concatenated ids. Only the ``"lmm"`` variant carries state.
+        :meth:`features` on the concatenated ids.
         Run it under ``torch.no_grad()`` / ``torch.inference_mode()``.
         """
-        if not self.supports_state:
-            raise StateError(
-                f"chunked long-sequence inference needs the 'lmm' variant (the memory state can only "
-                f"be carried there); this model is {self.config.variant!r}. Use a model trained with "
-                "variant='lmm', or predict on sequences short enough for one pass."
-            )
         state = None
         total = None
         count = 0

@@ -65,11 +65,12 @@ class Attention(nn.Module):
         v = self._split(v.unsqueeze(0).expand(batch, -1, -1))
         return k, v
 
-    def sliding_window(self, x: Tensor, window: int, prefix: Optional[Tensor] = None) -> Tensor:
+    def sliding_window(self, x: Tensor, window: int, prefix: Optional[Tensor] = None, offset: int = 0) -> Tensor:
         """Causal sliding-window attention over ``x`` ``[B, T, D]`` with an always-visible prefix
-        ``[P, D]``. Returns ``[B, T, D]``."""
+        ``[P, D]``; ``offset`` is the position of ``x[:, 0]`` in the whole sequence (rotary
+        positions). Returns ``[B, T, D]``."""
         b, n, _ = x.shape
-        pos = torch.arange(n, device=x.device)
+        pos = torch.arange(offset, offset + n, device=x.device)
         q = rotary(self._split(self.q(x)), pos)
         k, v = self.kv(x).chunk(2, dim=-1)
         k, v = rotary(self._split(k), pos), self._split(v)

@@ -16,7 +16,7 @@ class TitansBackbone(nn.Module):
     """``n_layers`` Titans blocks of one variant and a final RMSNorm.
 
     ``forward(x)`` maps ``[B, T, D]`` to ``[B, T, D]`` causally: output ``t`` depends on inputs
-    ``0..t`` only. For the ``"lmm"`` variant a :class:`~titans_memory.state.BackboneState` can be
+    ``0..t`` only. For every variant a :class:`~titans_memory.state.BackboneState` can be
     carried across calls (streaming, or a long sequence processed in pieces in constant memory).
     """
 
@@ -26,20 +26,12 @@ class TitansBackbone(nn.Module):
         self.layers = nn.ModuleList(TitansBlock(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model)
 
-    @property
-    def supports_state(self) -> bool:
-        return all(layer.supports_state for layer in self.layers)
-
     def forward(
         self, x: Tensor, state: Optional[BackboneState] = None, return_state: bool = False
     ) -> Tensor | Tuple[Tensor, BackboneState]:
         """``x``: ``[B, T, D]``. Returns ``[B, T, D]`` (and the new state if ``return_state``)."""
         if x.dim() != 3 or x.shape[-1] != self.config.d_model:
             raise ShapeError(f"TitansBackbone expects [batch, time, {self.config.d_model}], got {tuple(x.shape)}")
-        if (state is not None or return_state) and not self.supports_state:
-            raise StateError(
-                f"state carry is implemented for the 'lmm' variant only, not {self.config.variant!r}"
-            )
         if not return_state:
             for layer in self.layers:
                 x = layer(x)

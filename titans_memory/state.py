@@ -71,10 +71,30 @@ class MemoryState:
 
 
 @dataclass
+class MixerState:
+    """State of a MAC / MAG / MAL mixer: its memory's state and the inputs it must see again.
+
+    Attributes:
+        memory: the :class:`MemoryState` (MAC: at the start of the current, unfinished segment).
+        context: ``[B, n, D]`` or None. MAC: the unfinished segment's inputs so far; MAG / MAL:
+            the last ``window - 1`` inputs of the sliding-window attention.
+        position: tokens processed so far (rotary positions of MAG / MAL attention).
+    """
+
+    memory: MemoryState
+    context: Optional[Tensor] = None
+    position: int = 0
+
+    def detach(self) -> "MixerState":
+        context = None if self.context is None else self.context.detach()
+        return MixerState(self.memory.detach(), context, self.position)
+
+
+@dataclass
 class BackboneState:
     """Per-layer memory states of a :class:`~titans_memory.backbone.TitansBackbone`."""
 
-    layers: List[Optional[MemoryState]]
+    layers: List[Optional[MemoryState | MixerState]]
     position: int = 0
 
     def detach(self) -> "BackboneState":
