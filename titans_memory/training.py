@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field

@@ -71,7 +71,5 @@ def neural_memory_recurrent(
             s4 = step[..., None, None]
             S = [e * s - s4 * g for s, g in zip(S, grads)]
             W = [(1 - a) * w + s for w, s in zip(W, S)]
-            if t % chunk_size == chunk_size - 1:
-                pass  # the next token starts a new chunk and re-anchors on the updated W
             outputs.append(memory_apply(q[:, :, t : t + 1], W, spec))
     return torch.cat(outputs, dim=2), W, S
