@@ -402,7 +402,7 @@ def markdown(results: List[dict], long_rows: List[dict], args) -> str:
         lines += [
             "",
             "Long sequences: one sequence at a time, cut into pieces with the memory state carried between them "
-            "(`predict_proba_long`, LMM only; both strands as a batch of two when strand averaging is on). "
+            "(`predict_proba_long`, here the benchmark's LMM model; both strands as a batch of two when strand averaging is on). "
             "Peak GPU memory is independent of the length. Memory operator: "
             + ", ".join(sorted({r.get("impl", "?") for r in long_rows if "impl" in r})) + ".",
             "",

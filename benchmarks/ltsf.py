@@ -231,7 +231,7 @@ def write_md(path: Path, section: str) -> None:
     text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmark results\n"
     lines = text.splitlines()
     start = next((i for i, l in enumerate(lines) if l.strip() == "## LTSF"), None)
-    body = ["## LTSF", "", "Produced by `python benchmarks/ltsf.py ... --out-md`.", "", *section.rstrip().splitlines(), ""]
+    body = ["## LTSF", "", f"Produced by `python benchmarks/ltsf.py {' '.join(sys.argv[1:])}`.", "", *section.rstrip().splitlines(), ""]
     if start is None:
         new = lines + ([""] if lines and lines[-1].strip() else []) + body
     else:

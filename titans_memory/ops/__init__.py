@@ -6,9 +6,10 @@ memory-light checkpointed variant and the fused Triton kernels.
 ============== =============================================================================
 ``impl``       implementation
 ============== =============================================================================
-``"auto"``     (with ``TITANS_MEMORY_TRITON=1``, see ``TRITON_AUTO``) ``"triton"`` for CUDA inputs it supports (depth 1-2, norm off, clipping on or
+``"auto"``     ``"triton"`` for CUDA inputs it supports (depth 1-2, norm off, clipping on or
                off, fp32, chunk 16/32/64, head_dim 16/32/64: see
-               :func:`~titans_memory.ops.fused.triton_unsupported_reason`), else ``"torch"``
+               :func:`~titans_memory.ops.fused.triton_unsupported_reason`), else ``"torch"``;
+               ``TITANS_MEMORY_TRITON=0`` in the environment turns the Triton choice off
 ``"triton"``   fused Triton kernels (:mod:`titans_memory.ops.fused`); a clear
                :class:`~titans_memory.errors.ConfigError` if Triton or the shape is unsupported
 ``"checkpointed"`` chunked PyTorch with segment checkpointing: same numbers as ``"torch"``,
@@ -34,10 +35,10 @@ from .naive import neural_memory_recurrent
 
 IMPLS = ("auto", "triton", "checkpointed", "torch", "naive")
 
-# Whether ``impl="auto"`` picks the Triton kernels on CUDA. Off until the kernels' GPU check
-# (``benchmarks/kernels.py --check``) has passed on a GPU: so far they are verified only under
-# ``TRITON_INTERPRET=1``. Set ``TITANS_MEMORY_TRITON=1`` to opt in (or pass ``impl="triton"``).
-TRITON_AUTO = os.environ.get("TITANS_MEMORY_TRITON", "0") == "1"
+# Whether ``impl="auto"`` picks the Triton kernels on CUDA (for the shapes they support). On by
+# default since their GPU check (``benchmarks/kernels.py --check``, H100, 2026-11-23) passed; CI
+# verifies them under ``TRITON_INTERPRET=1``. ``TITANS_MEMORY_TRITON=0`` opts out.
+TRITON_AUTO = os.environ.get("TITANS_MEMORY_TRITON", "1") != "0"
 
 
 def neural_memory(
