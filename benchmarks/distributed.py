@@ -349,6 +349,7 @@ def parse_args(argv: Optional[List[str]] = None):
     ap.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.data_dir = str(Path(args.data_dir).resolve())  # the worker processes run in a temporary folder
     args.workers = args.workers or args.devices
     args.max_epochs = args.max_epochs or (1 if args.quick else 10)
     args.tune_epochs = args.tune_epochs or (1 if args.quick else 3)

@@ -233,8 +233,9 @@ def test_download_network_error(tmp_path, monkeypatch):
         raise urllib.error.URLError("no route to host")
 
     monkeypatch.setattr(ds, "_fetch", fail)
-    with pytest.raises(DatasetError, match="download of .* failed"):
-        ds.load("Weather")
+    with pytest.raises(DatasetError, match="download of .* failed") as err:
+        ds.load("Weather", data_dir=tmp_path / "mine")
+    assert f"not found in ['{tmp_path / 'mine'}'" in str(err.value)  # says where it looked first
     assert not _cache_files(tmp_path)
 
 

@@ -207,4 +207,8 @@ def load(name: str, data_dir: str | os.PathLike | None = None,
         raise DatasetError(f"{info['name']}: {info['file']}(.gz) not found in {searched} (also "
                            f"looked in the subfolder {info['subdir']}/) and download=False; pass "
                            "download=True, or set data_dir / TITANS_DATA_DIR to a folder holding it")
-    return _download(info, _cache_root(cache_dir))[1]
+    try:
+        return _download(info, _cache_root(cache_dir))[1]
+    except DatasetError as exc:
+        raise DatasetError(f"{info['name']}: not found in {searched} (also looked in the subfolder "
+                           f"{info['subdir']}/), so a download was tried: {exc}") from exc
