@@ -17,6 +17,9 @@ memory-light checkpointed variant and the fused Triton kernels.
 ``"torch"``    chunked PyTorch (:mod:`titans_memory.ops.chunked`), autograd through the loop
 ``"naive"``    token-by-token reference (:mod:`titans_memory.ops.naive`), the specification
 ============== =============================================================================
+
+:mod:`titans_memory.ops.tiled` (not dispatched) is the chunked form with a head's state split over
+tiles and the cross-tile reductions explicit: the specification of a multi-program kernel.
 """
 
 from __future__ import annotations
