@@ -27,6 +27,7 @@ whose step exceeds ``--max-step-s`` skips its longer lengths too (``skipped``).
     python benchmarks/kernels.py --check                     # triton vs reference, exit 1 on mismatch
     python benchmarks/kernels.py --out-md benchmarks/RESULTS.md
     python benchmarks/kernels.py --sweep                     # quick: precision x num_warps at 8k
+    python benchmarks/kernels.py --tiled --lengths 2048,8192 # forward: fused vs tiled kernels
 
 ``--check`` compares ``impl="triton"`` with the chunked PyTorch reference in fp64 on the device
 (kernel level: outputs, final state and the gradients of q, k, v, theta, eta, alpha, initial
@@ -335,6 +336,37 @@ def run_sweep(T: int = 8192) -> None:
             ops.neural_memory_triton = orig
 
 
+def run_tiled(lengths, device: str = "cuda", tiles=(1, 2, 4, 8)) -> bool:
+    """Forward only (inference), W1 operator shapes: the fused kernel (one program per head) vs the
+    tiled launch-per-phase kernels (``n_tiles`` programs per head, ``ops/triton_tiled.py``), with a
+    correctness check of each tiled run against the chunked form (fp64) at the first length.
+    Returns False on a mismatch (relative error above 1e-3)."""
+    from titans_memory.ops.triton_tiled import neural_memory_tiled_triton
+
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    spec = MemoryMLPSpec("silu", residual=True)
+    ok = True
+    print("| impl | T | M tok/s | ms | rel. err vs chunked fp64 |")
+    print("|---|---|---|---|---|")
+    for i, T in enumerate(lengths):
+        args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, dev, seed=7)
+        x = [t.float() for t in args]
+        Wf, Sf = [w.float() for w in W], [s.float() for s in S]
+        ref = neural_memory_chunked(*args, W, S, spec, CHUNK, 1.0)[0] if i == 0 else None
+        runs = [("fused (1 program/head)", lambda: neural_memory_triton(*x, Wf, Sf, spec, CHUNK, 1.0))]
+        runs += [(f"tiled x{n}", (lambda n=n: neural_memory_tiled_triton(*x, Wf, Sf, spec, CHUNK, 1.0, n_tiles=n)))
+                 for n in tiles]
+        for name, fn in runs:
+            with torch.no_grad():
+                err = "" if ref is None else f"{_rel(fn()[0], ref):.1e}"
+                if ref is not None and name.startswith("tiled") and float(err) > 1e-3:
+                    ok = False
+                sec, _ = _time_step(fn, 30.0, budget_s=2.0, cuda=cuda)
+            print(f"| {name} | {T} | {B * T / sec / 1e6:.3f} | {sec * 1e3:.2f} | {err} |", flush=True)
+    return ok
+
+
 # ---------------------------------------------------------------------------------------------
 # autograd memory of the memory operator (any device)
 def saved_bytes(fn) -> int:
@@ -600,6 +632,8 @@ def main() -> int:
     p.add_argument("--small", action="store_true", help="tiny check shapes (CPU interpreter smoke test)")
     p.add_argument("--quick-check", action="store_true", help="check depth 1 and 2 with clipping, tf32, and the layer only")
     p.add_argument("--sweep", action="store_true", help="quick precision x num_warps table at 8k")
+    p.add_argument("--tiled", action="store_true",
+                   help="forward only: fused kernel vs the tiled kernels (1-8 programs per head), with a check")
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     p.add_argument("--max-step-s", type=float, default=12.0, help="skip longer lengths of a row after a step this slow")
@@ -625,6 +659,8 @@ def main() -> int:
     if a.sweep:
         run_sweep()
         return 0
+    if a.tiled:
+        return 0 if run_tiled([int(s) for s in a.lengths.split(",") if s], a.device) else 1
     lengths = [int(s) for s in a.lengths.split(",") if s]
     impls = [s for s in a.impls.split(",") if s]
     rows = run_bench(impls, lengths, a.max_step_s, a.device)

@@ -20,6 +20,7 @@ memory-light checkpointed variant and the fused Triton kernels.
 
 :mod:`titans_memory.ops.tiled` (not dispatched) is the chunked form with a head's state split over
 tiles and the cross-tile reductions explicit: the specification of a multi-program kernel.
+:mod:`titans_memory.ops.triton_tiled` (not dispatched, forward only) runs it as Triton kernels.
 """
 
 from __future__ import annotations

@@ -1,0 +1,87 @@
+"""The forward-only Triton kernels of the tiled form (launch-per-phase driver,
+:mod:`titans_memory.ops.triton_tiled`) against the chunked PyTorch form.
+
+Fresh random fp32 inputs; the reference is :func:`neural_memory_chunked` run in fp64 on the same
+inputs. Bound: relative error ``||x - ref|| / ||ref|| < 1e-4`` (Frobenius norms) for the output,
+both final weights and both final momenta. Shapes: head dim 16, hidden 64 (tile width 64, 32, 16
+for 1, 2, 4 tiles), chunk 16, T = 40 (two full chunks and a partial one). Under ``TRITON_INTERPRET=1``
+(set by ``conftest.py`` without a GPU) the kernels run on the CPU.
+"""
+
+import pytest
+import torch
+
+from titans_memory.errors import ConfigError
+from titans_memory.ops import layer_shapes, neural_memory_chunked
+from titans_memory.ops.mlp import MemoryMLPSpec
+from titans_memory.ops.triton_tiled import neural_memory_tiled_triton
+
+REL_TOL = 1e-4
+D, EXPANSION, CHUNK, T = 16, 4, 16, 40
+
+
+def make_inputs(B=2, H=2, T=T, d=D, depth=2, expansion=EXPANSION):
+    f32 = torch.float32
+    q, k, v = (torch.randn(B, H, T, d, dtype=f32) for _ in range(3))
+    q = q / q.norm(dim=-1, keepdim=True)
+    k = k / k.norm(dim=-1, keepdim=True)
+    theta = torch.rand(B, H, T, dtype=f32) * 0.4
+    eta = torch.rand(B, H, T, dtype=f32)
+    alpha = torch.rand(B, H, T, dtype=f32) * 0.3
+    W = [torch.randn(B, H, a, b, dtype=f32) / a**0.5 for a, b in layer_shapes(d, depth, expansion)]
+    S = [0.1 * torch.randn_like(w) for w in W]
+    return (q, k, v, theta, eta, alpha), W, S
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("n_tiles", [1, 2, 4])
+@pytest.mark.parametrize("clip", [None, 0.05])
+@pytest.mark.parametrize("spec", [MemoryMLPSpec("silu", True), MemoryMLPSpec("gelu", False)],
+                         ids=lambda s: f"{s.activation}-res{int(s.residual)}")
+def test_tiled_triton_equals_chunked(n_tiles, clip, spec):
+    torch.manual_seed(100 * n_tiles + 10 * (clip is not None) + spec.residual)
+    B = 1 if n_tiles == 2 else 2
+    gates, W, S = make_inputs(B=B)
+    for t in (*gates, *W, *S):  # the driver must not build a graph (or fail) on such inputs
+        t.requires_grad_(True)
+    got = neural_memory_tiled_triton(*gates, W, S, spec, CHUNK, clip, n_tiles=n_tiles)
+    d64 = lambda ts: [t.detach().double() for t in ts]
+    ref = neural_memory_chunked(*d64(gates), d64(W), d64(S), spec, CHUNK, clip)
+    if clip is not None:  # the clip must be active, else its reduction is untested
+        free = neural_memory_chunked(*d64(gates), d64(W), d64(S), spec, CHUNK, None)[0]
+        assert rel_err(free, ref[0]) > 1e-2
+    names = ["o", "W1", "W2", "S1", "S2"]
+    for name, a, b in zip(names, [got[0], *got[1], *got[2]], [ref[0], *ref[1], *ref[2]]):
+        assert a.shape == b.shape and a.dtype == torch.float32, name
+        assert not a.requires_grad, name
+        err = rel_err(a, b)
+        assert err < REL_TOL, f"{name}: relative error {err:.2e}"
+    for a, b in zip(W + S, d64(W) + d64(S)):  # the given state is left untouched
+        assert torch.equal(a.detach().double(), b)
+
+
+def test_tiled_triton_rejects_what_it_does_not_cover():
+    gates, W, S = make_inputs(B=1, H=1, T=4)
+    spec = MemoryMLPSpec()
+    with pytest.raises(ConfigError, match="divide"):
+        neural_memory_tiled_triton(*gates, W, S, spec, CHUNK, None, n_tiles=3)
+    with pytest.raises(ConfigError, match="tile width"):
+        neural_memory_tiled_triton(*gates, W, S, spec, CHUNK, None, n_tiles=8)  # width 8
+    with pytest.raises(ConfigError, match="chunk_size"):
+        neural_memory_tiled_triton(*gates, W, S, spec, 24, None, n_tiles=2)
+    with pytest.raises(ConfigError, match="norm"):
+        neural_memory_tiled_triton(*gates, W, S, MemoryMLPSpec(norm=True), CHUNK, None, n_tiles=2)
+    with pytest.raises(ConfigError, match="activation"):
+        neural_memory_tiled_triton(*gates, W, S, MemoryMLPSpec("tanh"), CHUNK, None, n_tiles=2)
+    g8, W8, S8 = make_inputs(B=1, H=1, T=4, d=8)
+    with pytest.raises(ConfigError, match="head_dim"):
+        neural_memory_tiled_triton(*g8, W8, S8, spec, CHUNK, None, n_tiles=1)
+    g1, W1, S1 = make_inputs(B=1, H=1, T=4, depth=1)
+    with pytest.raises(ConfigError, match="depth"):
+        neural_memory_tiled_triton(*g1, W1, S1, spec, CHUNK, None, n_tiles=1)
+    g3, W3, S3 = make_inputs(B=1, H=1, T=4, depth=3)
+    with pytest.raises(ConfigError, match="depth"):
+        neural_memory_tiled_triton(*g3, W3, S3, spec, CHUNK, None, n_tiles=1)
