@@ -27,7 +27,7 @@ whose step exceeds ``--max-step-s`` skips its longer lengths too (``skipped``).
     python benchmarks/kernels.py --check                     # triton vs reference, exit 1 on mismatch
     python benchmarks/kernels.py --out-md benchmarks/RESULTS.md
     python benchmarks/kernels.py --sweep                     # quick: precision x num_warps at 8k
-    python benchmarks/kernels.py --tiled --lengths 2048,8192 # forward: fused vs tiled kernels
+    python benchmarks/kernels.py --tiled --lengths 2048,8192 # fused vs tiled kernels (fwd; fwd+bwd)
 
 ``--check`` compares ``impl="triton"`` with the chunked PyTorch reference in fp64 on the device
 (kernel level: outputs, final state and the gradients of q, k, v, theta, eta, alpha, initial
@@ -339,8 +339,9 @@ def run_sweep(T: int = 8192) -> None:
 def run_tiled(lengths, device: str = "cuda", tiles=(1, 2, 4, 8)) -> bool:
     """Forward only (inference), W1 operator shapes: the fused kernel (one program per head) vs the
     tiled launch-per-phase kernels (``n_tiles`` programs per head, ``ops/triton_tiled.py``), with a
-    correctness check of each tiled run against the chunked form (fp64) at the first length.
-    Returns False on a mismatch (relative error above 1e-3)."""
+    correctness check of each tiled run against the chunked form (fp64) at the first length; then
+    the same for forward + backward (:func:`run_tiled_train`). Returns False on a mismatch
+    (relative error above 1e-3)."""
     from titans_memory.ops.triton_tiled import neural_memory_tiled_triton
 
     dev = torch.device(device)
@@ -364,6 +365,41 @@ def run_tiled(lengths, device: str = "cuda", tiles=(1, 2, 4, 8)) -> bool:
                     ok = False
                 sec, _ = _time_step(fn, 30.0, budget_s=2.0, cuda=cuda)
             print(f"| {name} | {T} | {B * T / sec / 1e6:.3f} | {sec * 1e3:.2f} | {err} |", flush=True)
+    return ok and run_tiled_train(lengths, dev, tiles)
+
+
+def run_tiled_train(lengths, dev, tiles=(1, 2, 4, 8)) -> bool:
+    """Forward + backward, W1 operator shapes: the fused kernels vs the tiled training kernels, with
+    a gradient check (every input) against autograd through the chunked form in fp64 at the first
+    length. Returns False on a relative error above 1e-3."""
+    from titans_memory.ops.triton_tiled import neural_memory_tiled_triton_train
+
+    cuda = dev.type == "cuda"
+    spec = MemoryMLPSpec("silu", residual=True)
+    ok = True
+    print("\n| impl (fwd+bwd) | T | M tok/s | ms | peak GiB | max rel. err of the gradients |")
+    print("|---|---|---|---|---|---|")
+    for i, T in enumerate(lengths):
+        args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, dev, seed=8)
+        gref = None
+        if i == 0:
+            ref_in = [t.clone().requires_grad_() for t in args + W + S]
+            o = neural_memory_chunked(*ref_in[:6], ref_in[6:8], ref_in[8:], spec, CHUNK, 1.0)[0]
+            gref = torch.autograd.grad(o, ref_in, o.detach() * 0 + 1.0 / math.sqrt(o.numel()))
+        x = [t.float().requires_grad_() for t in args + W + S]
+        cot = torch.full(x[0].shape, 1.0 / math.sqrt(x[0].numel()), device=dev)
+        runs = [("fused (1 program/head)", lambda: neural_memory_triton(*x[:6], x[6:8], x[8:], spec, CHUNK, 1.0)[0])]
+        runs += [(f"tiled x{n}", (lambda n=n: neural_memory_tiled_triton_train(
+            *x[:6], x[6:8], x[8:], spec, CHUNK, 1.0, n_tiles=n)[0])) for n in tiles]
+        for name, fn in runs:
+            err = ""
+            if gref is not None:
+                g = torch.autograd.grad(fn(), x, cot)
+                e = max(_rel(a, b) for a, b in zip(g, gref))
+                err = f"{e:.1e}"
+                ok &= e < 1e-3
+            sec, peak = _time_step(lambda: torch.autograd.grad(fn(), x, cot), 30.0, budget_s=2.0, cuda=cuda)
+            print(f"| {name} | {T} | {B * T / sec / 1e6:.3f} | {sec * 1e3:.2f} | {peak:.3f} | {err} |", flush=True)
     return ok
 
 
@@ -633,7 +669,7 @@ def main() -> int:
     p.add_argument("--quick-check", action="store_true", help="check depth 1 and 2 with clipping, tf32, and the layer only")
     p.add_argument("--sweep", action="store_true", help="quick precision x num_warps table at 8k")
     p.add_argument("--tiled", action="store_true",
-                   help="forward only: fused kernel vs the tiled kernels (1-8 programs per head), with a check")
+                   help="fused kernels vs the tiled kernels (1-8 programs per head), forward and fwd+bwd, with checks")
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     p.add_argument("--max-step-s", type=float, default=12.0, help="skip longer lengths of a row after a step this slow")

@@ -20,7 +20,8 @@ memory-light checkpointed variant and the fused Triton kernels.
 
 :mod:`titans_memory.ops.tiled` (not dispatched) is the chunked form with a head's state split over
 tiles and the cross-tile reductions explicit: the specification of a multi-program kernel.
-:mod:`titans_memory.ops.triton_tiled` (not dispatched, forward only) runs it as Triton kernels.
+:mod:`titans_memory.ops.triton_tiled` (not dispatched, not yet run on a GPU) runs it, forward and
+backward, as Triton kernels with several programs per head.
 """
 
 from __future__ import annotations
