@@ -341,7 +341,7 @@ def run_tiled(lengths, device: str = "cuda", tiles=(1, 2, 4, 8)) -> bool:
     tiled launch-per-phase kernels (``n_tiles`` programs per head, ``ops/triton_tiled.py``), with a
     correctness check of each tiled run against the chunked form (fp64) at the first length; then
     the same for forward + backward (:func:`run_tiled_train`). Returns False on a mismatch
-    (relative error above 1e-3)."""
+    (relative error above 2e-2, the tf32 bound of ``--check``)."""
     from titans_memory.ops.triton_tiled import neural_memory_tiled_triton
 
     dev = torch.device(device)
@@ -361,7 +361,7 @@ def run_tiled(lengths, device: str = "cuda", tiles=(1, 2, 4, 8)) -> bool:
         for name, fn in runs:
             with torch.no_grad():
                 err = "" if ref is None else f"{_rel(fn()[0], ref):.1e}"
-                if ref is not None and name.startswith("tiled") and float(err) > 1e-3:
+                if ref is not None and name.startswith("tiled") and float(err) > TOL["tf32"]:
                     ok = False
                 sec, _ = _time_step(fn, 30.0, budget_s=2.0, cuda=cuda)
             print(f"| {name} | {T} | {B * T / sec / 1e6:.3f} | {sec * 1e3:.2f} | {err} |", flush=True)
@@ -371,7 +371,7 @@ def run_tiled(lengths, device: str = "cuda", tiles=(1, 2, 4, 8)) -> bool:
 def run_tiled_train(lengths, dev, tiles=(1, 2, 4, 8)) -> bool:
     """Forward + backward, W1 operator shapes: the fused kernels vs the tiled training kernels, with
     a gradient check (every input) against autograd through the chunked form in fp64 at the first
-    length. Returns False on a relative error above 1e-3."""
+    length. Returns False on a relative error above 2e-2 (the tf32 bound of ``--check``)."""
     from titans_memory.ops.triton_tiled import neural_memory_tiled_triton_train
 
     cuda = dev.type == "cuda"
@@ -397,7 +397,7 @@ def run_tiled_train(lengths, dev, tiles=(1, 2, 4, 8)) -> bool:
                 g = torch.autograd.grad(fn(), x, cot)
                 e = max(_rel(a, b) for a, b in zip(g, gref))
                 err = f"{e:.1e}"
-                ok &= e < 1e-3
+                ok &= e < TOL["tf32"]
             sec, peak = _time_step(lambda: torch.autograd.grad(fn(), x, cot), 30.0, budget_s=2.0, cuda=cuda)
             print(f"| {name} | {T} | {B * T / sec / 1e6:.3f} | {sec * 1e3:.2f} | {peak:.3f} | {err} |", flush=True)
     return ok
@@ -445,12 +445,11 @@ def run_saved(impls, lengths, device: str) -> None:
 SMEM_LIMIT_H100 = 232448  # bytes of shared memory one block may opt into on sm_90
 
 
-def run_aot() -> int:
-    """Compile the kernel variants W1 and the check use for sm_90a and print the compiler report.
-
-    Needs only Triton (its bundled ptxas): registers, spill bytes, stack, shared memory, wgmma count,
-    compile time. Fails (exit 1) if a variant needs more shared memory than an H100 block has.
-    """
+def _aot_compile(fn, consts: dict, nw: int, label: str) -> bool:
+    """Compile one Triton kernel for sm_90a without a GPU (Triton's bundled ptxas) and print a table
+    row: registers, spill bytes, shared memory, wgmma count, compile time. False if the kernel
+    needs more shared memory than an H100 block has. Arguments named ``*_ptr`` are fp32 pointers,
+    ``clip`` an fp32 scalar, the others int32 scalars."""
     import re
     import subprocess
     import tempfile
@@ -459,52 +458,89 @@ def run_aot() -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from titans_memory.ops import triton_kernels as K
-
     bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     ptxas = next((str(bindir / n) for n in ("ptxas-blackwell", "ptxas") if (bindir / n).exists()), "ptxas")
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        elif name == "clip":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    t0 = time.perf_counter()
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw, num_stages=1))
+    dt = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "k.ptx"
+        ptx.write_text(k.asm["ptx"])
+        out = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", str(ptx), "-o", str(Path(tmp) / "k.cubin")],
+                             capture_output=True, text=True)
+    info = " ".join(re.sub(r"^ptxas\S* info\s*:\s*", "", ln.strip()) for ln in out.stderr.splitlines()
+                    if "registers" in ln or "spill" in ln)
+    smem = k.metadata.shared
+    ok = smem <= SMEM_LIMIT_H100
+    print(f"| {label} | {nw} | {dt:.1f} | {smem} | {k.asm['ptx'].count('wgmma.mma_async')} | {info} | "
+          f"{'ok' if ok else 'TOO MUCH SHARED MEMORY'} |", flush=True)
+    return ok
 
-    def compile_one(fn, consts, nw, label):
-        sig = {}
-        for name in fn.arg_names:
-            if name in consts:
-                sig[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                sig[name] = "*fp32"
-            elif name == "clip":
-                sig[name] = "fp32"
-            else:
-                sig[name] = "i32"
-        t0 = time.perf_counter()
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw, num_stages=1))
-        dt = time.perf_counter() - t0
-        with tempfile.TemporaryDirectory() as tmp:
-            ptx = Path(tmp) / "k.ptx"
-            ptx.write_text(k.asm["ptx"])
-            out = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", str(ptx), "-o", str(Path(tmp) / "k.cubin")],
-                                 capture_output=True, text=True)
-        info = " ".join(re.sub(r"^ptxas\S* info\s*:\s*", "", ln.strip()) for ln in out.stderr.splitlines()
-                        if "registers" in ln or "spill" in ln)
-        smem = k.metadata.shared
-        ok = smem <= SMEM_LIMIT_H100
-        print(f"| {label} | {nw} | {dt:.1f} | {smem} | {k.asm['ptx'].count('wgmma.mma_async')} | {info} | "
-              f"{'ok' if ok else 'TOO MUCH SHARED MEMORY'} |", flush=True)
-        return ok
+
+def _aot_header() -> None:
+    import triton
 
     print(f"# AOT compile for sm_90a, Triton {triton.__version__} (no GPU used)")
     print("| kernel variant | warps | compile s | shared bytes | wgmma | ptxas report | fits H100 |")
     print("|---|---|---|---|---|---|---|")
+
+
+def run_aot() -> int:
+    """Compile the kernel variants W1 and the check use for sm_90a and print the compiler report.
+
+    Needs only Triton (its bundled ptxas): registers, spill bytes, stack, shared memory, wgmma count,
+    compile time. Fails (exit 1) if a variant needs more shared memory than an H100 block has.
+    """
+    from titans_memory.ops import triton_kernels as K
+
+    _aot_header()
     ok = True
     for prec in ("tf32", "bf16"):
         c2 = dict(BC=CHUNK, D=HEAD_DIM, F=4 * HEAD_DIM, BF=64, ACT="silu", RES=True, PREC=prec, CLIP=True)
-        ok &= compile_one(K._fwd2_kernel, dict(c2, OUT=True, SAVE=True, LINEAR=False, STORE_B1=True), 8, f"fwd2 train {prec}")
-        ok &= compile_one(K._fwd2_kernel, dict(c2, OUT=True, SAVE=False, LINEAR=False, STORE_B1=False), 8, f"fwd2 inference {prec}")
-        ok &= compile_one(K._fwd2_kernel, dict(c2, OUT=False, SAVE=False, LINEAR=True, STORE_B1=False), 8, f"fwd2 recompute {prec}")
-        ok &= compile_one(K._bwd2_kernel, c2, 8, f"bwd2 {prec}")
+        ok &= _aot_compile(K._fwd2_kernel, dict(c2, OUT=True, SAVE=True, LINEAR=False, STORE_B1=True), 8, f"fwd2 train {prec}")
+        ok &= _aot_compile(K._fwd2_kernel, dict(c2, OUT=True, SAVE=False, LINEAR=False, STORE_B1=False), 8, f"fwd2 inference {prec}")
+        ok &= _aot_compile(K._fwd2_kernel, dict(c2, OUT=False, SAVE=False, LINEAR=True, STORE_B1=False), 8, f"fwd2 recompute {prec}")
+        ok &= _aot_compile(K._bwd2_kernel, c2, 8, f"bwd2 {prec}")
         c1 = dict(c2, F=HEAD_DIM, BF=HEAD_DIM)
-        ok &= compile_one(K._fwd1_kernel, dict(c1, OUT=True, SAVE=True, LINEAR=False, STORE_B1=False), 8, f"fwd1 train {prec}")
-        ok &= compile_one(K._bwd1_kernel, c1, 8, f"bwd1 {prec}")
+        ok &= _aot_compile(K._fwd1_kernel, dict(c1, OUT=True, SAVE=True, LINEAR=False, STORE_B1=False), 8, f"fwd1 train {prec}")
+        ok &= _aot_compile(K._bwd1_kernel, c1, 8, f"bwd1 {prec}")
+    print("aot:", "PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+def run_aot_tiled(tiles=(4, 8)) -> int:
+    """The same compiler report for the tiled kernels (``ops/triton_tiled.py``) at W1 shapes, tile
+    width ``4 d / n_tiles``, with the launch options the driver uses (4 warps, 1 stage)."""
+    from titans_memory.ops import triton_tiled as TT
+
+    _aot_header()
+    ok = True
+    F = 4 * HEAD_DIM
+    for n in tiles:
+        base = dict(BC=CHUNK, D=HEAD_DIM, F=F, BF=F // n, ACT="silu", PREC=TT.PREC)
+        for fn, extra in (
+            (TT._keys_kernel, {}),
+            (TT._norms_kernel, dict(RES=True)),
+            (TT._update_kernel, dict(RES=True, CLIP=True, NEXT=True, PREV=True)),
+            (TT._bwd_keys_kernel, dict(PREV=True)),
+            (TT._bwd_norms_kernel, dict(RES=True)),
+            (TT._bwd_retrieval_kernel, dict(RES=True, CLIP=True)),
+            (TT._bwd_coeffs_kernel, dict(RES=True, CLIP=True)),
+            (TT._bwd_state_kernel, dict(RES=True, CLIP=True)),
+        ):
+            consts = {k: v for k, v in dict(base, **extra).items() if k in fn.arg_names}
+            ok &= _aot_compile(fn, consts, 4, f"tiled x{n} {fn.__name__}")
     print("aot:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 
@@ -679,6 +715,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda", help="cpu: test the harness (Triton rows need TRITON_INTERPRET=1)")
     p.add_argument("--saved", action="store_true",
                    help="print the bytes autograd keeps for neural_memory's backward (--impls torch,checkpointed,triton)")
+    p.add_argument("--aot-tiled", action="store_true", help="the --aot report for the tiled kernels")
     p.add_argument("--aot", action="store_true",
                    help="compile every W1 kernel variant for sm_90a without a GPU and print the compiler report")
     a = p.parse_args()
@@ -686,6 +723,8 @@ def main() -> int:
         return 0 if run_check(a.small, full=not a.quick_check) else 1
     if a.aot:
         return run_aot()
+    if a.aot_tiled:
+        return run_aot_tiled()
     if a.saved:
         run_saved([s for s in a.impls.split(",") if s], [int(s) for s in a.lengths.split(",") if s], a.device)
         return 0

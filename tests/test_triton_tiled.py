@@ -52,7 +52,9 @@ def test_tiled_triton_equals_chunked(n_tiles, clip, spec):
     gates, W, S = make_inputs(B=B)
     for t in (*gates, *W, *S):  # the driver must not build a graph (or fail) on such inputs
         t.requires_grad_(True)
-    got = neural_memory_tiled_triton(*gates, W, S, spec, CHUNK, clip, n_tiles=n_tiles)
+    # both matmul precisions (the interpreter computes either in fp32)
+    precision = "ieee" if n_tiles == 2 else "tf32"
+    got = neural_memory_tiled_triton(*gates, W, S, spec, CHUNK, clip, n_tiles=n_tiles, precision=precision)
     d64 = lambda ts: [t.detach().double() for t in ts]
     ref = neural_memory_chunked(*d64(gates), d64(W), d64(S), spec, CHUNK, clip)
     if clip is not None:  # the clip must be active, else its reduction is untested
@@ -71,6 +73,8 @@ def test_tiled_triton_equals_chunked(n_tiles, clip, spec):
 def test_tiled_triton_rejects_what_it_does_not_cover():
     gates, W, S = make_inputs(B=1, H=1, T=4)
     spec = MemoryMLPSpec()
+    with pytest.raises(ConfigError, match="precision"):
+        neural_memory_tiled_triton(*gates, W, S, spec, CHUNK, None, n_tiles=2, precision="bf16")
     with pytest.raises(ConfigError, match="divide"):
         neural_memory_tiled_triton(*gates, W, S, spec, CHUNK, None, n_tiles=3)
     with pytest.raises(ConfigError, match="tile width"):

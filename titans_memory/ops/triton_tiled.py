@@ -21,7 +21,7 @@ relu, identity; residual on or off; update clip on or off. Requirements (``tl.do
 dimension >= 16 on a GPU, and ``tl.arange`` powers of two): head dim ``d``, tile width ``H /
 n_tiles`` and ``chunk_size`` are powers of two >= 16, and ``n_tiles`` divides ``H``. Anything else
 raises :class:`~titans_memory.errors.ConfigError`. Inputs of any float dtype are computed in fp32
-(``input_precision="ieee"`` matmuls) and returned in the dtype of ``q`` (output) and of the given
+(matmuls with tf32 tensor-core operands by default, ``precision="ieee"`` for fp32 FMA) and returned in the dtype of ``q`` (output) and of the given
 weights / momentum (state) by the inference function, in fp32 by the training one. Not dispatched by
 :func:`~titans_memory.ops.neural_memory`; its speed has not been measured yet.
 
@@ -63,8 +63,12 @@ from .fused import TRITON_ACTIVATIONS, _device_of, interpret_mode
 from .mlp import MemoryMLPSpec
 from .triton_kernels import _act, _act_d, _act_dd, _clip_bwd, _clip_scale, _coeffs, _coeffs_bwd, _load_chunk, _mm
 
-#: Matmul precision of every ``tl.dot`` here (fp32 FMA: the interpreter and the GPU agree closely).
-PREC = "ieee"
+#: Matmul precision of the ``tl.dot`` calls (``precision=`` of the public functions): ``"tf32"``
+#: (tensor cores, the default: ``"ieee"`` compiles to fp32 FMA without tensor cores, about 7x
+#: fewer FLOP/s on an H100) or ``"ieee"`` (fp32 FMA, bitwise closer to the reference). The
+#: interpreter computes both in fp32.
+PREC = "tf32"
+PRECISIONS = ("tf32", "ieee")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,6 +580,11 @@ def _bwd_state_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
 
 
 # ---------------------------------------------------------------------------------------------
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
 def _pow2_16(n: int) -> bool:
     return n >= 16 and (n & (n - 1)) == 0
 
@@ -606,7 +615,7 @@ def tiled_triton_unsupported_reason(
 
 
 def _forward_chunks(xs, gates, state, out, c_begin, c_end, spec, max_update_norm, NT, BC,
-                    with_output=True, on_chunk_start=None):
+                    with_output=True, on_chunk_start=None, prec=PREC):
     """Run chunks ``c_begin .. c_end - 1`` of the launch-per-phase forward, updating ``state``
     (``(w1, s1, w2, s2)``, fp32 ``[BH, d, F]`` / ``[BH, F, d]``) in place.
 
@@ -632,7 +641,7 @@ def _forward_chunks(xs, gates, state, out, c_begin, c_end, spec, max_update_norm
     launch = dict(num_warps=4, num_stages=1)
     grid = (BH, NT)
     t_first = c_begin * BC
-    _keys_kernel[grid](kf, w1, w2, z_scr, p_scr, T, t_first, c_begin % 2, NT, ACT=spec.activation, PREC=PREC,
+    _keys_kernel[grid](kf, w1, w2, z_scr, p_scr, T, t_first, c_begin % 2, NT, ACT=spec.activation, PREC=prec,
                        **sizes, **launch)
     for n in range(c_begin, c_end):
         t0, slot = n * BC, n % 2
@@ -640,11 +649,11 @@ def _forward_chunks(xs, gates, state, out, c_begin, c_end, spec, max_update_norm
             on_chunk_start(n)
         if CLIP:
             _norms_kernel[grid](kf, vf, w2, z_scr, p_scr, n_scr, T, t0, slot, NT,
-                                ACT=spec.activation, RES=bool(spec.residual), PREC=PREC, **sizes, **launch)
+                                ACT=spec.activation, RES=bool(spec.residual), PREC=prec, **sizes, **launch)
         _update_kernel[grid](
             qf, kf, vf, *gates, w1, s1, w2, s2, z_scr, p_scr, n_scr, o_scr, out, T, t0, slot, NT, clip,
             ACT=spec.activation, RES=bool(spec.residual), CLIP=CLIP, NEXT=n + 1 < c_end,
-            PREV=with_output and n > c_begin, PREC=PREC, **sizes, **launch,
+            PREV=with_output and n > c_begin, PREC=prec, **sizes, **launch,
         )
     if with_output and c_end > c_begin:
         _output_kernel[(BH,)](qf, o_scr, out, T, (c_end - 1) * BC, (c_end - 1) % 2, NT,
@@ -665,6 +674,7 @@ def neural_memory_tiled_triton(
     chunk_size: int = 64,
     max_update_norm: Optional[float] = None,
     n_tiles: int = 4,
+    precision: str = PREC,
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """Same interface and result (to fp32 rounding) as
     :func:`~titans_memory.ops.tiled.neural_memory_tiled`, forward only, depth 2.
@@ -679,6 +689,7 @@ def neural_memory_tiled_triton(
     reason = tiled_triton_unsupported_reason(q, W, spec, chunk_size, n_tiles)
     if reason is not None:
         raise ConfigError(f"neural_memory_tiled_triton does not cover {reason}")
+    _check_precision(precision)
     S = [torch.zeros_like(w) for w in W] if momentum is None else list(momentum)
     B, H, T, d = q.shape
     hid = W[0].shape[-1]
@@ -700,7 +711,8 @@ def neural_memory_tiled_triton(
     NT, BC, BF = n_tiles, chunk_size, hid // n_tiles
     out = torch.empty(BH, T, xs[0].shape[-1], device=q.device, dtype=f32)
     with _device_of(q):
-        _forward_chunks(xs, gates, (w1, s1, w2, s2), out, 0, -(-T // BC), spec, max_update_norm, NT, BC)
+        _forward_chunks(xs, gates, (w1, s1, w2, s2), out, 0, -(-T // BC), spec, max_update_norm, NT, BC,
+                        prec=precision)
 
     o = out.reshape(B, H, T, d).to(q.dtype)
     W_T = [w1.reshape(W[0].shape).to(W[0].dtype), w2.reshape(W[1].shape).to(W[1].dtype)]
@@ -713,8 +725,9 @@ def neural_memory_tiled_triton(
 class _TrainCfg:
     """Static configuration of one training call (flat shapes, tiling, segments)."""
 
-    def __init__(self, BH, T, d, hid, spec, chunk, n_tiles, max_update_norm, segment_chunks):
+    def __init__(self, BH, T, d, hid, spec, chunk, n_tiles, max_update_norm, segment_chunks, prec=PREC):
         self.BH, self.T, self.d, self.hid = BH, T, d, hid
+        self.prec = prec
         self.spec = spec
         self.BC, self.NT, self.BF = chunk, n_tiles, hid // n_tiles
         self.n_chunks = -(-T // chunk)
@@ -735,7 +748,7 @@ def _backward_launches(cfg: _TrainCfg, xs, gates, go, state, adj, scr, grads, n:
     aw1, as1, aw2, as2 = adj
     dq, dk, dv, dth, det, dal = grads
     t0, NT, T = n * cfg.BC, cfg.NT, cfg.T
-    act, res, prec = cfg.spec.activation, bool(cfg.spec.residual), PREC
+    act, res, prec = cfg.spec.activation, bool(cfg.spec.residual), cfg.prec
     sizes = dict(BC=cfg.BC, D=cfg.d, F=cfg.hid, BF=cfg.BF)
     launch = dict(num_warps=4, num_stages=1)
     grid = (cfg.BH, NT)
@@ -793,7 +806,7 @@ class TiledTritonMemory(torch.autograd.Function):
         out = torch.empty_like(xs[0])
         with _device_of(q):
             _forward_chunks(xs, gates, state, out, 0, cfg.n_chunks, cfg.spec, cfg.max_update_norm, cfg.NT,
-                            cfg.BC, on_chunk_start=save)
+                            cfg.BC, on_chunk_start=save, prec=cfg.prec)
         ctx.cfg = cfg
         ctx.save_for_backward(*xs, *gates, *ck)
         return (out, *state)
@@ -818,7 +831,7 @@ class TiledTritonMemory(torch.autograd.Function):
                 starts = []
                 if nc > 1:  # chunk-start states of the segment, recomputed from its checkpoint
                     _forward_chunks(xs, gates, cur, qf, c0, c0 + nc - 1, cfg.spec, cfg.max_update_norm, cfg.NT,
-                                    cfg.BC, with_output=False,
+                                    cfg.BC, with_output=False, prec=cfg.prec,
                                     on_chunk_start=lambda n: starts.append([t.clone() for t in cur]))
                 starts.append(cur)
                 for n in range(c0 + nc - 1, c0 - 1, -1):
@@ -843,6 +856,7 @@ def neural_memory_tiled_triton_train(
     max_update_norm: Optional[float] = None,
     n_tiles: int = 4,
     segment_chunks: Optional[int] = None,
+    precision: str = PREC,
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """Differentiable twin of :func:`neural_memory_tiled_triton` (depth 2, same coverage and
     requirements, same result): gradients flow to ``q, k, v, theta, eta, alpha``, ``weights`` and
@@ -883,6 +897,7 @@ def neural_memory_tiled_triton_train(
     reason = tiled_triton_unsupported_reason(q, W, spec, chunk_size, n_tiles)
     if reason is not None:
         raise ConfigError(f"neural_memory_tiled_triton_train does not cover {reason}")
+    _check_precision(precision)
     S = [torch.zeros_like(w) for w in W] if momentum is None else list(momentum)
     B, H, T, d = q.shape
     hid = W[0].shape[-1]
@@ -894,7 +909,7 @@ def neural_memory_tiled_triton_train(
     if T == 0:
         return q.new_zeros(q.shape), [w.clone() for w in W], [s.clone() for s in S]
     f32 = torch.float32
-    cfg = _TrainCfg(BH, T, d, hid, spec, chunk_size, n_tiles, max_update_norm, segment_chunks)
+    cfg = _TrainCfg(BH, T, d, hid, spec, chunk_size, n_tiles, max_update_norm, segment_chunks, precision)
     xs = [t.reshape(BH, T, d).to(f32).contiguous() for t in (q, k, v)]
     gates = [t.reshape(BH, T).to(f32).contiguous() for t in (theta, eta, alpha)]
     st = [t.reshape(BH, *t.shape[2:]).to(f32).contiguous() for t in (W[0], S[0], W[1], S[1])]
