@@ -614,6 +614,24 @@ def tiled_triton_unsupported_reason(
     return None
 
 
+def _validated(q, weights, momentum, spec, chunk_size, n_tiles, precision, who: str):
+    """The state lists ``(W, S)`` (zero momentum if ``None``) after checking coverage, precision
+    and shapes; a ConfigError / ShapeError naming ``who`` otherwise."""
+    W = list(weights)
+    reason = tiled_triton_unsupported_reason(q, W, spec, chunk_size, n_tiles)
+    if reason is not None:
+        raise ConfigError(f"{who} does not cover {reason}")
+    _check_precision(precision)
+    S = [torch.zeros_like(w) for w in W] if momentum is None else list(momentum)
+    B, H, _, d = q.shape
+    hid = W[0].shape[-1]
+    expect = [(B, H, d, hid), (B, H, hid, d)]
+    for name, group in (("weights", W), ("momentum", S)):
+        if len(group) != 2 or any(tuple(t.shape) != e for t, e in zip(group, expect)):
+            raise ShapeError(f"{who}: {name} must be shaped {expect}, got {[tuple(t.shape) for t in group]}")
+    return W, S
+
+
 def _forward_chunks(xs, gates, state, out, c_begin, c_end, spec, max_update_norm, NT, BC,
                     with_output=True, on_chunk_start=None, prec=PREC):
     """Run chunks ``c_begin .. c_end - 1`` of the launch-per-phase forward, updating ``state``
@@ -685,19 +703,10 @@ def neural_memory_tiled_triton(
     :class:`~titans_memory.errors.ConfigError` for what it does not cover
     (:func:`tiled_triton_unsupported_reason`).
     """
-    W = list(weights)
-    reason = tiled_triton_unsupported_reason(q, W, spec, chunk_size, n_tiles)
-    if reason is not None:
-        raise ConfigError(f"neural_memory_tiled_triton does not cover {reason}")
-    _check_precision(precision)
-    S = [torch.zeros_like(w) for w in W] if momentum is None else list(momentum)
+    W, S = _validated(q, weights, momentum, spec, chunk_size, n_tiles, precision, "neural_memory_tiled_triton")
     B, H, T, d = q.shape
     hid = W[0].shape[-1]
     BH = B * H
-    expect = [(B, H, d, hid), (B, H, hid, d)]
-    for name, group in (("weights", W), ("momentum", S)):
-        if len(group) != 2 or any(tuple(t.shape) != e for t, e in zip(group, expect)):
-            raise ShapeError(f"{name} must be shaped {expect}, got {[tuple(t.shape) for t in group]}")
     if T == 0:
         return q.new_zeros(q.shape), [w.clone() for w in W], [s.clone() for s in S]
 
@@ -893,19 +902,10 @@ def neural_memory_tiled_triton_train(
     :func:`~titans_memory.ops.chunked.neural_memory_chunked` in fp64: it has NOT run on a GPU
     (compilation for sm_90, shared memory and speed are unknown).
     """
-    W = list(weights)
-    reason = tiled_triton_unsupported_reason(q, W, spec, chunk_size, n_tiles)
-    if reason is not None:
-        raise ConfigError(f"neural_memory_tiled_triton_train does not cover {reason}")
-    _check_precision(precision)
-    S = [torch.zeros_like(w) for w in W] if momentum is None else list(momentum)
+    W, S = _validated(q, weights, momentum, spec, chunk_size, n_tiles, precision, "neural_memory_tiled_triton_train")
     B, H, T, d = q.shape
     hid = W[0].shape[-1]
     BH = B * H
-    expect = [(B, H, d, hid), (B, H, hid, d)]
-    for name, group in (("weights", W), ("momentum", S)):
-        if len(group) != 2 or any(tuple(t.shape) != e for t, e in zip(group, expect)):
-            raise ShapeError(f"{name} must be shaped {expect}, got {[tuple(t.shape) for t in group]}")
     if T == 0:
         return q.new_zeros(q.shape), [w.clone() for w in W], [s.clone() for s in S]
     f32 = torch.float32
