@@ -36,7 +36,8 @@ class MemoryConfig:
             tokens; without it, mini-batch steps of 64 summed gradients can diverge.
         impl: operator implementation (see :func:`titans_memory.ops.neural_memory`):
             ``"auto"``, ``"torch"``, ``"checkpointed"`` (memory-light training on long
-            sequences), ``"triton"`` or ``"naive"``. All compute the same function.
+            sequences), ``"triton"``, ``"naive"`` or the experimental ``"triton_tiled"``.
+            All compute the same function.
     """
 
     depth: int = 2
@@ -73,7 +74,7 @@ class MemoryConfig:
             value = getattr(self, name)
             if not 0.0 < value < 1.0:
                 raise ConfigError(f"{name} must be in (0, 1), got {value}")
-        if self.impl not in ("auto", "torch", "checkpointed", "triton", "naive"):
+        if self.impl not in ("auto", "torch", "checkpointed", "triton", "naive", "triton_tiled"):
             raise ConfigError(f"unknown memory impl {self.impl!r}")
         if self.max_update_norm is not None and self.max_update_norm <= 0:
             raise ConfigError(f"max_update_norm must be > 0 or None, got {self.max_update_norm}")

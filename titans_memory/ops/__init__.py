@@ -16,12 +16,16 @@ memory-light checkpointed variant and the fused Triton kernels.
                ``O(sqrt(T))`` saved state instead of ``O(T)`` (any configuration)
 ``"torch"``    chunked PyTorch (:mod:`titans_memory.ops.chunked`), autograd through the loop
 ``"naive"``    token-by-token reference (:mod:`titans_memory.ops.naive`), the specification
+``"triton_tiled"`` experimental, opt-in: the tiled Triton kernels
+               (:mod:`titans_memory.ops.triton_tiled`), a head's hidden units over several
+               programs (tiles of ``min(64, H / 2)`` units); depth 2 only; verified under the
+               interpreter, not yet run on a GPU; never chosen by ``"auto"``
 ============== =============================================================================
 
 :mod:`titans_memory.ops.tiled` (not dispatched) is the chunked form with a head's state split over
 tiles and the cross-tile reductions explicit: the specification of a multi-program kernel.
-:mod:`titans_memory.ops.triton_tiled` (not dispatched, not yet run on a GPU) runs it, forward and
-backward, as Triton kernels with several programs per head.
+:mod:`titans_memory.ops.triton_tiled` (``impl="triton_tiled"``, opt-in, not yet run on a GPU) runs
+it, forward and backward, as Triton kernels with several programs per head.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from .fused import neural_memory_triton, triton_available, triton_unsupported_re
 from .mlp import MemoryMLPSpec, layer_shapes, memory_apply
 from .naive import neural_memory_recurrent
 
-IMPLS = ("auto", "triton", "checkpointed", "torch", "naive")
+IMPLS = ("auto", "triton", "checkpointed", "torch", "naive", "triton_tiled")
 
 # Whether ``impl="auto"`` picks the Triton kernels on CUDA (for the shapes they support). On by
 # default since their GPU check (``benchmarks/kernels.py --check``, H100, 2026-11-23) passed; CI
@@ -77,6 +81,17 @@ def neural_memory(
     if impl == "triton":
         return neural_memory_triton(
             q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size, max_update_norm
+        )
+    if impl == "triton_tiled":
+        if not triton_available():
+            from ..errors import ConfigError
+
+            raise ConfigError('impl="triton_tiled" needs Triton and a CUDA device, or TRITON_INTERPRET=1 on the CPU')
+        from .triton_tiled import default_n_tiles, neural_memory_tiled_triton_train
+
+        return neural_memory_tiled_triton_train(
+            q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size, max_update_norm,
+            n_tiles=default_n_tiles(weights[0].shape[-1]),
         )
     if impl == "checkpointed":
         return neural_memory_checkpointed(

@@ -580,6 +580,11 @@ def _bwd_state_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
 
 
 # ---------------------------------------------------------------------------------------------
+def default_n_tiles(hidden: int) -> int:
+    """Tiles of ``min(64, hidden / 2)`` hidden units (4 at W1's hidden width 256), at least 1."""
+    return max(1, hidden // max(1, min(64, hidden // 2)))
+
+
 def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
