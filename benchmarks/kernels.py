@@ -520,9 +520,9 @@ def run_aot() -> int:
 
 
 def run_aot_tiled(tiles=(4, 8)) -> int:
-    """The same compiler report for the tiled kernels (``ops/triton_tiled.py``) at W1 shapes, tile
+    """The same compiler report for the tiled kernels (``ops/triton_tiled_kernels.py``) at W1 shapes, tile
     width ``4 d / n_tiles``, with the launch options the driver uses (4 warps, 1 stage)."""
-    from titans_memory.ops import triton_tiled as TT
+    from titans_memory.ops import triton_tiled_kernels as TT
 
     _aot_header()
     ok = True

@@ -1,0 +1,571 @@
+"""Triton kernels of the tiled memory update (forward, and backward for training); the drivers
+are in :mod:`titans_memory.ops.triton_tiled`.
+
+This is step 2 of the plan in ``docs/kernels.md``: the phases of
+:mod:`titans_memory.ops.tiled` (the specification: a head's fast-weight state split over tiles,
+cross-tile sums explicit) as ``@triton.jit`` kernels, with the tiles synchronised by kernel
+launches. Each launch has the grid ``(B * heads, n_tiles)``; program ``(bh, j)`` owns the hidden
+units ``cols_j`` of one head, i.e. ``W1[:, cols_j], S1[:, cols_j]`` and ``W2[cols_j, :],
+S2[cols_j, :]`` (fp32, in global memory, updated in place), and never waits for another program.
+It is the CI path (it runs under ``TRITON_INTERPRET=1``, which runs programs one after another)
+and the fallback of the planned persistent kernel with a per-head barrier, which would call the
+same phase functions.
+
+Two entry points: :func:`neural_memory_tiled_triton` (inference: ``torch.no_grad``, no autograd
+graph) and :func:`neural_memory_tiled_triton_train` (training: an autograd function whose backward
+is step 3 of the plan, the hand-written tiled backward of :mod:`titans_memory.ops.tiled` as Triton
+kernels, launch per phase, described in its docstring). Neither has run on a GPU yet.
+
+Scope of both: memory depth 2 (``d -> H -> d``) with ``spec.norm`` off; activations silu, gelu,
+relu, identity; residual on or off; update clip on or off. Requirements (``tl.dot`` needs every
+dimension >= 16 on a GPU, and ``tl.arange`` powers of two): head dim ``d``, tile width ``H /
+n_tiles`` and ``chunk_size`` are powers of two >= 16, and ``n_tiles`` divides ``H``. Anything else
+raises :class:`~titans_memory.errors.ConfigError`. Inputs of any float dtype are computed in fp32
+(matmuls with tf32 tensor-core operands by default, ``precision="ieee"`` for fp32 FMA) and returned in the dtype of ``q`` (output) and of the given
+weights / momentum (state) by the inference function, in fp32 by the training one. Not dispatched by
+:func:`~titans_memory.ops.neural_memory`; its speed has not been measured yet.
+
+Forward launches per chunk ``n`` (``P``: per-tile partial MLP outputs on the keys, double-buffered by
+chunk parity; ``Z``: the tile's ``z1 = k W1_j``; ``O``: per-tile partial retrievals,
+double-buffered):
+
+- ``_keys_kernel`` (once, before chunk 0; phase A): ``z1_j = k W1_j``, ``P_j = act(z1_j) W2_j``.
+- ``_norms_kernel`` (clip only; phase B): every program sums the ``P`` of all tiles (reduction 1)
+  into ``y``, forms ``delta2 = 2 (y [+ k] - v)`` and ``delta1_j = (delta2 W2_j^T) * act'(z1_j)``,
+  and writes its per-token partial norms ``|delta1_j|^2, |h1_j|^2``.
+- ``_update_kernel`` (phase B without clip, then C): ``y`` and ``delta2`` (reduction 1 again,
+  same order, same result), ``delta1_j``; with the clip the partial norms are summed
+  (reduction 2) into the clip scale of ``theta``; the chunk coefficients; the tile's partial
+  retrieval ``o_j`` (dual form); the in-place update of the tile's state. Fused into the same
+  launch, because they are tile-local: phase A of chunk ``n + 1`` with the updated weights, and
+  (program ``j = 0``) the sum over tiles of chunk ``n - 1``'s ``o_j`` into the output
+  (reduction 3).
+- ``_output_kernel`` (once, after the last chunk): reduction 3 of the last chunk.
+
+So a chunk costs one launch (two with the clip), plus one before and one after the sequence.
+Summation orders are fixed (tile 0 first), so results are deterministic. A last partial chunk is
+masked (rows past the sequence end load as zero keys/values and neutral gates, and the
+coefficients take the last *valid* row), never padded into the state.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_kernels import _act, _act_d, _act_dd, _clip_bwd, _clip_scale, _coeffs, _coeffs_bwd, _load_chunk, _mm
+
+#: Matmul precision of the ``tl.dot`` calls (``precision=`` of the public functions): ``"tf32"``
+#: (tensor cores, the default: ``"ieee"`` compiles to fp32 FMA without tensor cores, about 7x
+#: fewer FLOP/s on an H100) or ``"ieee"`` (fp32 FMA, bitwise closer to the reference). The
+#: interpreter computes both in fp32.
+PREC = "tf32"
+PRECISIONS = ("tf32", "ieee")
+
+
+# ---------------------------------------------------------------------------------------------
+# phase functions (called by the kernels below; a persistent kernel would call them too)
+@triton.jit
+def _rows(ptr, bh, T, t0, BC: tl.constexpr, D: tl.constexpr):
+    """Rows ``t0 .. t0 + BC - 1`` of head ``bh`` of a ``[BH, T, D]`` tensor (zero past ``T``)."""
+    rc = tl.arange(0, BC)
+    rd = tl.arange(0, D)
+    rmask = (t0 + rc) < T
+    return tl.load(ptr + bh * T * D + (t0 + rc)[:, None] * D + rd[None, :], mask=rmask[:, None], other=0.0)
+
+
+@triton.jit
+def _tile_offsets(bh, j, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr):
+    """Offsets of tile ``j``'s slice of ``W1/S1 [BH, D, F]`` (columns) and ``W2/S2 [BH, F, D]`` (rows)."""
+    rd = tl.arange(0, D)
+    cols = j * BF + tl.arange(0, BF)
+    o1 = bh * D * F + rd[:, None] * F + cols[None, :]
+    o2 = bh * F * D + cols[:, None] * D + rd[None, :]
+    return o1, o2
+
+
+@triton.jit
+def _phase_keys(k, w1, w2, z_dst, p_dst, BC: tl.constexpr, D: tl.constexpr, BF: tl.constexpr,
+                ACT: tl.constexpr, PREC: tl.constexpr):
+    """Phase A (tile-local): store ``z1_j = k W1_j`` and the partial output ``P_j = act(z1_j) W2_j``."""
+    rc = tl.arange(0, BC)
+    z1 = _mm(k, w1, PREC)
+    tl.store(z_dst + rc[:, None] * BF + tl.arange(0, BF)[None, :], z1)
+    tl.store(p_dst + rc[:, None] * D + tl.arange(0, D)[None, :], _mm(_act(z1, ACT), w2, PREC))
+
+
+@triton.jit
+def _phase_errors(p_src, z_src, k, v, w2, rmask, NT, BC: tl.constexpr, D: tl.constexpr, BF: tl.constexpr,
+                  ACT: tl.constexpr, RES: tl.constexpr, PREC: tl.constexpr):
+    """Phase B: ``y = sum_t P_t`` (reduction 1, tiles in order), ``delta2`` (zero on rows past the
+    sequence end) and the tile-local ``z1_j, h1_j, delta1_j``."""
+    rc = tl.arange(0, BC)
+    ocd = rc[:, None] * D + tl.arange(0, D)[None, :]
+    y = tl.zeros([BC, D], dtype=tl.float32)
+    for t in range(NT):
+        y += tl.load(p_src + t * BC * D + ocd)
+    if RES:
+        y += k
+    delta2 = tl.where(rmask[:, None], 2.0 * (y - v), 0.0)
+    z1 = tl.load(z_src + rc[:, None] * BF + tl.arange(0, BF)[None, :])
+    h1 = _act(z1, ACT)
+    delta1 = _mm(delta2, tl.trans(w2), PREC) * _act_d(z1, ACT)
+    return delta2, z1, h1, delta1
+
+
+@triton.jit
+def _phase_output(o_src, q_ptr, o_ptr, bh, T, t0, NT, BC: tl.constexpr, D: tl.constexpr, RES: tl.constexpr):
+    """Reduction 3: the chunk's output ``sum_t o_t [+ q]`` from the per-tile partials."""
+    rc = tl.arange(0, BC)
+    rd = tl.arange(0, D)
+    ocd = rc[:, None] * D + rd[None, :]
+    out = tl.zeros([BC, D], dtype=tl.float32)
+    for t in range(NT):
+        out += tl.load(o_src + t * BC * D + ocd)
+    rmask = (t0 + rc) < T
+    xoff = bh * T * D + (t0 + rc)[:, None] * D + rd[None, :]
+    if RES:
+        out += tl.load(q_ptr + xoff, mask=rmask[:, None], other=0.0)
+    tl.store(o_ptr + xoff, out, mask=rmask[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels: grid (BH, NT) except _output_kernel (BH,)
+# scratch: P [BH, 2, NT, BC, D], Z [BH, NT, BC, BF], N [BH, NT, 2, BC], O [BH, 2, NT, BC, D]
+@triton.jit
+def _keys_kernel(k_ptr, w1_ptr, w2_ptr, z_ptr, p_ptr, T, t0, slot, NT,
+                 BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
+                 ACT: tl.constexpr, PREC: tl.constexpr):
+    """Phase A of the chunk at ``t0`` (only before the first chunk; later ones are fused into
+    ``_update_kernel``)."""
+    bh = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    o1, o2 = _tile_offsets(bh, j, D, F, BF)
+    k = _rows(k_ptr, bh, T, t0, BC, D)
+    _phase_keys(k, tl.load(w1_ptr + o1), tl.load(w2_ptr + o2), z_ptr + (bh * NT + j) * BC * BF,
+                p_ptr + ((bh * 2 + slot) * NT + j) * BC * D, BC, D, BF, ACT, PREC)
+
+
+@triton.jit
+def _norms_kernel(k_ptr, v_ptr, w2_ptr, z_ptr, p_ptr, n_ptr, T, t0, slot, NT,
+                  BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
+                  ACT: tl.constexpr, RES: tl.constexpr, PREC: tl.constexpr):
+    """Phase B with the update clip: per-token partial norms ``|delta1_j|^2`` and ``|h1_j|^2``."""
+    bh = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    rc = tl.arange(0, BC)
+    rmask = (t0 + rc) < T
+    _, o2 = _tile_offsets(bh, j, D, F, BF)
+    k = _rows(k_ptr, bh, T, t0, BC, D)
+    v = _rows(v_ptr, bh, T, t0, BC, D)
+    _, _, h1, delta1 = _phase_errors(p_ptr + (bh * 2 + slot) * NT * BC * D, z_ptr + (bh * NT + j) * BC * BF,
+                                     k, v, tl.load(w2_ptr + o2), rmask, NT, BC, D, BF, ACT, RES, PREC)
+    dst = n_ptr + (bh * NT + j) * 2 * BC
+    tl.store(dst + rc, tl.sum(delta1 * delta1, axis=1))
+    tl.store(dst + BC + rc, tl.sum(h1 * h1, axis=1))
+
+
+@triton.jit
+def _update_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr,
+                   z_ptr, p_ptr, n_ptr, op_ptr, o_ptr, T, t0, slot, NT, clip,
+                   BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
+                   ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, NEXT: tl.constexpr,
+                   PREV: tl.constexpr, PREC: tl.constexpr):
+    """Phases B (without clip) and C of the chunk at ``t0``; NEXT: phase A of the next chunk;
+    PREV: program ``j = 0`` writes the previous chunk's output (reduction 3)."""
+    bh = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    rc = tl.arange(0, BC)
+    rd = tl.arange(0, D)
+    q, k, v, th, et, al, valid, rmask, xoff, goff = _load_chunk(
+        q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, bh, T, t0, BC, D)
+    o1, o2 = _tile_offsets(bh, j, D, F, BF)
+    w1 = tl.load(w1_ptr + o1)
+    s1 = tl.load(s1_ptr + o1)
+    w2 = tl.load(w2_ptr + o2)
+    s2 = tl.load(s2_ptr + o2)
+    z_tile = z_ptr + (bh * NT + j) * BC * BF
+    delta2, z1, h1, delta1 = _phase_errors(p_ptr + (bh * 2 + slot) * NT * BC * D, z_tile, k, v, w2, rmask, NT,
+                                           BC, D, BF, ACT, RES, PREC)
+    if CLIP:  # reduction 2: |G_t|^2 = |k_t|^2 sum_j |delta1_j,t|^2 + |delta2_t|^2 sum_j |h1_j,t|^2
+        b1 = tl.zeros([BC], dtype=tl.float32)
+        a2 = tl.zeros([BC], dtype=tl.float32)
+        n_head = n_ptr + bh * NT * 2 * BC
+        for t in range(NT):
+            b1 += tl.load(n_head + t * 2 * BC + rc)
+            a2 += tl.load(n_head + t * 2 * BC + BC + rc)
+        sc, _, _ = _clip_scale(tl.sum(k * k, axis=1) * b1 + tl.sum(delta2 * delta2, axis=1) * a2, clip)
+        th = th * sc
+    A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(th, et, al, valid, BC)
+
+    # phase C: the tile's partial retrieval (dual form through the owned hidden units)
+    a1 = (beta[:, None] * _mm(q, w1, PREC) + g[:, None] * _mm(q, s1, PREC)
+          - _mm(_mm(q, tl.trans(k), PREC) * C, delta1, PREC))
+    x1 = _act(a1, ACT)
+    o_j = (beta[:, None] * _mm(x1, w2, PREC) + g[:, None] * _mm(x1, s2, PREC)
+           - _mm(_mm(x1, tl.trans(h1), PREC) * C, delta2, PREC))
+    ocd = rc[:, None] * D + rd[None, :]
+    tl.store(op_ptr + ((bh * 2 + slot) * NT + j) * BC * D + ocd, o_j)
+
+    # phase C: in-place update of the tile's state (gradients h^T delta, last-row coefficients)
+    tk = tl.trans(k)
+    w1n = bl * w1 + gl * s1 - _mm(tk, cl[:, None] * delta1, PREC)
+    s1n = el * s1 - _mm(tk, ml[:, None] * delta1, PREC)
+    th1 = tl.trans(h1)
+    w2n = bl * w2 + gl * s2 - _mm(th1, cl[:, None] * delta2, PREC)
+    s2n = el * s2 - _mm(th1, ml[:, None] * delta2, PREC)
+    # every thread of the program has read the tile's state and Z before any overwrites them
+    tl.debug_barrier()
+    tl.store(w1_ptr + o1, w1n)
+    tl.store(s1_ptr + o1, s1n)
+    tl.store(w2_ptr + o2, w2n)
+    tl.store(s2_ptr + o2, s2n)
+
+    if NEXT:  # phase A of the next chunk: tile-local, from the weights just computed
+        kn = _rows(k_ptr, bh, T, t0 + BC, BC, D)
+        _phase_keys(kn, w1n, w2n, z_tile, p_ptr + ((bh * 2 + 1 - slot) * NT + j) * BC * D, BC, D, BF, ACT, PREC)
+    if PREV:  # the previous chunk's partial outputs are complete (written by the previous launch)
+        if j == 0:
+            _phase_output(op_ptr + (bh * 2 + 1 - slot) * NT * BC * D, q_ptr, o_ptr, bh, T, t0 - BC, NT, BC, D, RES)
+
+
+@triton.jit
+def _output_kernel(q_ptr, op_ptr, o_ptr, T, t0, slot, NT, BC: tl.constexpr, D: tl.constexpr, RES: tl.constexpr):
+    """Reduction 3 of the last chunk."""
+    bh = tl.program_id(0).to(tl.int64)
+    _phase_output(op_ptr + (bh * 2 + slot) * NT * BC * D, q_ptr, o_ptr, bh, T, t0, NT, BC, D, RES)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward phase functions and kernels (training path), grid (BH, NT) except _bwd_rows_kernel
+#
+# Scratch of one chunk (reused by every chunk; each launch reads only what earlier launches of
+# the same chunk wrote, except the dq / dk partials, read by the next launch of the walk):
+#   P   [BH, NT, BC, D]      R1 partials h1_j W2_j            N   [BH, NT, 2, BC]  R2 partials
+#   XH  [BH, NT, BC, BC]     R3 partials x1_j h1_j^T          DN1 [BH, NT, BC, BC] R4 partials
+#   GT  [BH, NT, 4, BC]      R5 per-token partials (dbeta, dg, dcl, dml)
+#   GS  [BH, NT, 4]          R5 per-head partials (dbl, dgl, del, unused)
+#   DD2 [BH, NT, BC, D]      R6 partials of d delta2
+#   DQ, DK [BH, NT + 1, BC, D]  R7 / R8 partials; slot NT holds the per-head terms
+#   X1, DA1, DDL1 [BH, NT, BC, BF]  tile-local stash: x1_j, da1_j, d delta1_j
+#   HD  [BH, BC]             per head (clip only): d n^2 from the coefficient backward
+@triton.jit
+def _sum_tiles(ptr, n, stride, offs):
+    """``sum_t ptr[t * stride + offs]`` for ``t = 0 .. n - 1``, tile 0 first (deterministic)."""
+    acc = tl.load(ptr + offs)
+    for t in range(1, n):
+        acc += tl.load(ptr + t * stride + offs)
+    return acc
+
+
+@triton.jit
+def _tile_scratch(bh, j, NT, BC: tl.constexpr, BF: tl.constexpr):
+    """Offsets of tile ``j``'s ``[BC, BF]`` block of a ``[BH, NT, BC, BF]`` scratch."""
+    rc = tl.arange(0, BC)
+    return (bh * NT + j) * BC * BF + rc[:, None] * BF + tl.arange(0, BF)[None, :]
+
+
+@triton.jit
+def _bwd_errors(k, v, w1, w2, p_head, rmask, NT, BC: tl.constexpr, D: tl.constexpr,
+                ACT: tl.constexpr, RES: tl.constexpr, PREC: tl.constexpr):
+    """Forward recompute from the chunk-start state: R1 (``y = sum_t P_t``), ``delta2`` (zero past
+    the sequence end), and the tile-local ``z1_j, h1_j, act'(z1_j), u_j = delta2 W2_j^T, delta1_j``."""
+    rc = tl.arange(0, BC)
+    ocd = rc[:, None] * D + tl.arange(0, D)[None, :]
+    y = _sum_tiles(p_head, NT, BC * D, ocd)
+    if RES:
+        y += k
+    delta2 = tl.where(rmask[:, None], 2.0 * (y - v), 0.0)
+    z1 = _mm(k, w1, PREC)
+    h1 = _act(z1, ACT)
+    sd1 = _act_d(z1, ACT)
+    u = _mm(delta2, tl.trans(w2), PREC)
+    return delta2, z1, h1, sd1, u, u * sd1
+
+
+@triton.jit
+def _bwd_clip(k, delta2, th, n_head, NT, clip, BC: tl.constexpr, CLIP: tl.constexpr):
+    """R2 and the clipped step ``theta' = theta s``. Returns ``(theta', |G|, ratio, |k|^2,
+    sum_j |delta1_j|^2, sum_j |h1_j|^2, |delta2|^2)`` per token (dummies without the clip)."""
+    if CLIP:
+        rc = tl.arange(0, BC)
+        dd1 = _sum_tiles(n_head, NT, 2 * BC, rc)
+        hh = _sum_tiles(n_head + BC, NT, 2 * BC, rc)
+        kk = tl.sum(k * k, axis=1)
+        dd2 = tl.sum(delta2 * delta2, axis=1)
+        sc, nrm, r = _clip_scale(kk * dd1 + hh * dd2, clip)
+        thc = th * sc
+    else:
+        zero = th * 0.0
+        dd1 = zero
+        hh = zero
+        kk = zero
+        dd2 = zero
+        nrm = zero + 1.0
+        r = zero + 2.0
+        thc = th
+    return thc, nrm, r, kk, dd1, hh, dd2
+
+
+@triton.jit
+def _bwd_rows(dqs_head, dks_head, dq_ptr, dk_ptr, bh, T, t0, NT, BC: tl.constexpr, D: tl.constexpr):
+    """R7 / R8: ``dq``, ``dk`` rows of the chunk at ``t0`` from the ``NT + 1`` partial slots."""
+    rc = tl.arange(0, BC)
+    rd = tl.arange(0, D)
+    ocd = rc[:, None] * D + rd[None, :]
+    rmask = (t0 + rc) < T
+    xoff = bh * T * D + (t0 + rc)[:, None] * D + rd[None, :]
+    tl.store(dq_ptr + xoff, _sum_tiles(dqs_head, NT + 1, BC * D, ocd), mask=rmask[:, None])
+    tl.store(dk_ptr + xoff, _sum_tiles(dks_head, NT + 1, BC * D, ocd), mask=rmask[:, None])
+
+
+@triton.jit
+def _bwd_keys_kernel(k_ptr, w1_ptr, w2_ptr, p_ptr, dqs_ptr, dks_ptr, dq_ptr, dk_ptr, T, t0, NT,
+                     BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
+                     ACT: tl.constexpr, PREV: tl.constexpr, PREC: tl.constexpr):
+    """Launch 1 of a chunk's backward: R1 partial ``P_j = act(k W1_j) W2_j``. PREV: program
+    ``j = 0`` also writes the ``dq, dk`` rows of the chunk after this one (done in the launches before)."""
+    bh = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    o1, o2 = _tile_offsets(bh, j, D, F, BF)
+    rc = tl.arange(0, BC)
+    k = _rows(k_ptr, bh, T, t0, BC, D)
+    p = _mm(_act(_mm(k, tl.load(w1_ptr + o1), PREC), ACT), tl.load(w2_ptr + o2), PREC)
+    tl.store(p_ptr + (bh * NT + j) * BC * D + rc[:, None] * D + tl.arange(0, D)[None, :], p)
+    if PREV:
+        if j == 0:
+            _bwd_rows(dqs_ptr + bh * (NT + 1) * BC * D, dks_ptr + bh * (NT + 1) * BC * D, dq_ptr, dk_ptr,
+                      bh, T, t0 + BC, NT, BC, D)
+
+
+@triton.jit
+def _bwd_rows_kernel(dqs_ptr, dks_ptr, dq_ptr, dk_ptr, T, t0, NT, BC: tl.constexpr, D: tl.constexpr):
+    """Grid ``(BH,)``: the ``dq, dk`` rows of the first chunk (the walk's last)."""
+    bh = tl.program_id(0).to(tl.int64)
+    _bwd_rows(dqs_ptr + bh * (NT + 1) * BC * D, dks_ptr + bh * (NT + 1) * BC * D, dq_ptr, dk_ptr,
+              bh, T, t0, NT, BC, D)
+
+
+@triton.jit
+def _bwd_norms_kernel(k_ptr, v_ptr, w1_ptr, w2_ptr, p_ptr, n_ptr, T, t0, NT,
+                      BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
+                      ACT: tl.constexpr, RES: tl.constexpr, PREC: tl.constexpr):
+    """Clip only: R2 partials ``|delta1_j|^2``, ``|h1_j|^2`` per token."""
+    bh = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    rc = tl.arange(0, BC)
+    rmask = (t0 + rc) < T
+    o1, o2 = _tile_offsets(bh, j, D, F, BF)
+    k = _rows(k_ptr, bh, T, t0, BC, D)
+    v = _rows(v_ptr, bh, T, t0, BC, D)
+    _, _, h1, _, _, delta1 = _bwd_errors(k, v, tl.load(w1_ptr + o1), tl.load(w2_ptr + o2), p_ptr + bh * NT * BC * D,
+                                         rmask, NT, BC, D, ACT, RES, PREC)
+    dst = n_ptr + (bh * NT + j) * 2 * BC
+    tl.store(dst + rc, tl.sum(delta1 * delta1, axis=1))
+    tl.store(dst + BC + rc, tl.sum(h1 * h1, axis=1))
+
+
+@triton.jit
+def _bwd_retrieval_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
+                          w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
+                          p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, gs_ptr, dqs_ptr, x1_ptr, da1_ptr,
+                          T, t0, NT, clip,
+                          BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
+                          ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr):
+    """Recompute, then the retrieval backward of the tile: partials of R3 (``x1_j h1_j^T``), R4
+    (``-da1_j delta1_j^T``), R5 (gate cotangents) and R7 (``dq``); stash ``x1_j``, ``da1_j``."""
+    bh = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    rc = tl.arange(0, BC)
+    rd = tl.arange(0, D)
+    ocd = rc[:, None] * D + rd[None, :]
+    occ = rc[:, None] * BC + rc[None, :]
+    q, k, v, th, et, al, valid, rmask, xoff, goff = _load_chunk(
+        q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, bh, T, t0, BC, D)
+    go = tl.load(go_ptr + xoff, mask=rmask[:, None], other=0.0)
+    o1, o2 = _tile_offsets(bh, j, D, F, BF)
+    w1 = tl.load(w1_ptr + o1)
+    s1 = tl.load(s1_ptr + o1)
+    w2 = tl.load(w2_ptr + o2)
+    s2 = tl.load(s2_ptr + o2)
+    delta2, z1, h1, sd1, u, delta1 = _bwd_errors(k, v, w1, w2, p_ptr + bh * NT * BC * D, rmask, NT,
+                                                 BC, D, ACT, RES, PREC)
+    thc, _, _, _, _, _, _ = _bwd_clip(k, delta2, th, n_ptr + bh * NT * 2 * BC, NT, clip, BC, CLIP)
+    A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(thc, et, al, valid, BC)
+    qW1 = _mm(q, w1, PREC)
+    qS1 = _mm(q, s1, PREC)
+    a1 = beta[:, None] * qW1 + g[:, None] * qS1 - _mm(_mm(q, tl.trans(k), PREC) * C, delta1, PREC)
+    x1 = _act(a1, ACT)
+    dXHC = -_mm(go, tl.trans(delta2), PREC) * C
+    dx1 = (beta[:, None] * _mm(go, tl.trans(w2), PREC) + g[:, None] * _mm(go, tl.trans(s2), PREC)
+           + _mm(dXHC, h1, PREC))
+    da1 = dx1 * _act_d(a1, ACT)
+    ts = _tile_scratch(bh, j, NT, BC, BF)
+    tl.store(x1_ptr + ts, x1)
+    tl.store(da1_ptr + ts, da1)
+    tcc = (bh * NT + j) * BC * BC + occ
+    tl.store(xh_ptr + tcc, _mm(x1, tl.trans(h1), PREC))
+    tl.store(dn1_ptr + tcc, -_mm(da1, tl.trans(delta1), PREC))
+    aw1 = tl.load(aw1_ptr + o1)
+    as1 = tl.load(as1_ptr + o1)
+    aw2 = tl.load(aw2_ptr + o2)
+    as2 = tl.load(as2_ptr + o2)
+    dbeta = tl.sum(go * _mm(x1, w2, PREC), axis=1) + tl.sum(da1 * qW1, axis=1)
+    dg = tl.sum(go * _mm(x1, s2, PREC), axis=1) + tl.sum(da1 * qS1, axis=1)
+    dcl = -tl.sum(_mm(k, aw1, PREC) * delta1, axis=1) - tl.sum(_mm(h1, aw2, PREC) * delta2, axis=1)
+    dml = -tl.sum(_mm(k, as1, PREC) * delta1, axis=1) - tl.sum(_mm(h1, as2, PREC) * delta2, axis=1)
+    gt = gt_ptr + (bh * NT + j) * 4 * BC
+    tl.store(gt + rc, dbeta)
+    tl.store(gt + BC + rc, dg)
+    tl.store(gt + 2 * BC + rc, dcl)
+    tl.store(gt + 3 * BC + rc, dml)
+    gs = gs_ptr + (bh * NT + j) * 4
+    tl.store(gs, tl.sum(tl.sum(aw1 * w1, axis=1), axis=0) + tl.sum(tl.sum(aw2 * w2, axis=1), axis=0))
+    tl.store(gs + 1, tl.sum(tl.sum(aw1 * s1, axis=1), axis=0) + tl.sum(tl.sum(aw2 * s2, axis=1), axis=0))
+    tl.store(gs + 2, tl.sum(tl.sum(as1 * s1, axis=1), axis=0) + tl.sum(tl.sum(as2 * s2, axis=1), axis=0))
+    dq_j = _mm(beta[:, None] * da1, tl.trans(w1), PREC) + _mm(g[:, None] * da1, tl.trans(s1), PREC)
+    tl.store(dqs_ptr + (bh * (NT + 1) + j) * BC * D + ocd, dq_j)
+
+
+@triton.jit
+def _bwd_coeffs_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
+                       w1_ptr, w2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
+                       p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, gs_ptr, dqs_ptr, da1_ptr, ddl1_ptr, dd2_ptr, hd_ptr,
+                       dth_ptr, det_ptr, dal_ptr,
+                       T, t0, NT, clip,
+                       BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
+                       ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr):
+    """Sums R3, R4, R5; every program runs the per-head coefficient backward (``_coeffs_bwd``) and
+    the clip backward (program 0 writes ``dtheta, deta, dalpha``, the per-head ``dq`` term and
+    ``d n^2``); then the tile's ``d delta1_j`` (stashed) and its R6 partial of ``d delta2``."""
+    bh = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    rc = tl.arange(0, BC)
+    rd = tl.arange(0, D)
+    ocd = rc[:, None] * D + rd[None, :]
+    occ = rc[:, None] * BC + rc[None, :]
+    q, k, v, th, et, al, valid, rmask, xoff, goff = _load_chunk(
+        q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, bh, T, t0, BC, D)
+    go = tl.load(go_ptr + xoff, mask=rmask[:, None], other=0.0)
+    o1, o2 = _tile_offsets(bh, j, D, F, BF)
+    w2 = tl.load(w2_ptr + o2)
+    delta2, z1, h1, sd1, u, delta1 = _bwd_errors(k, v, tl.load(w1_ptr + o1), w2, p_ptr + bh * NT * BC * D,
+                                                 rmask, NT, BC, D, ACT, RES, PREC)
+    thc, nrm, r, kk, dd1, hh, dd2 = _bwd_clip(k, delta2, th, n_ptr + bh * NT * 2 * BC, NT, clip, BC, CLIP)
+    A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(thc, et, al, valid, BC)
+    XH = _sum_tiles(xh_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R3
+    dN1 = _sum_tiles(dn1_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R4
+    gt = gt_ptr + bh * NT * 4 * BC  # R5
+    dbeta = _sum_tiles(gt, NT, 4 * BC, rc)
+    dg = _sum_tiles(gt + BC, NT, 4 * BC, rc)
+    dcl = _sum_tiles(gt + 2 * BC, NT, 4 * BC, rc)
+    dml = _sum_tiles(gt + 3 * BC, NT, 4 * BC, rc)
+    gs = gs_ptr + bh * NT * 4
+    dbl = _sum_tiles(gs, NT, 4, 0)
+    dgl = _sum_tiles(gs + 1, NT, 4, 0)
+    d_el = _sum_tiles(gs + 2, NT, 4, 0)
+    QK = _mm(q, tl.trans(k), PREC)
+    dN2 = -_mm(go, tl.trans(delta2), PREC)
+    dth, det, dal = _coeffs_bwd(dN1 * QK + dN2 * XH, dbeta, dg, dcl, dml, dbl, dgl, d_el, thc, et, al, valid,
+                                A, Dm, Pm, beta, E, BC)
+    if CLIP:
+        dth, dn2 = _clip_bwd(dth, th, nrm, r, clip, rmask)
+    else:
+        dn2 = th * 0.0
+    if j == 0:
+        tl.store(dth_ptr + goff, dth, mask=rmask)
+        tl.store(det_ptr + goff, det, mask=rmask)
+        tl.store(dal_ptr + goff, dal, mask=rmask)
+        dq_head = _mm(dN1 * C, k, PREC)
+        if RES:
+            dq_head += go
+        tl.store(dqs_ptr + (bh * (NT + 1) + NT) * BC * D + ocd, dq_head)
+        if CLIP:
+            tl.store(hd_ptr + bh * BC + rc, dn2)
+    ts = _tile_scratch(bh, j, NT, BC, BF)
+    da1 = tl.load(da1_ptr + ts)
+    ddelta1 = (-_mm(tl.trans(QK * C), da1, PREC) - cl[:, None] * _mm(k, tl.load(aw1_ptr + o1), PREC)
+               - ml[:, None] * _mm(k, tl.load(as1_ptr + o1), PREC))
+    if CLIP:
+        ddelta1 += (2.0 * dn2 * kk)[:, None] * delta1
+    tl.store(ddl1_ptr + ts, ddelta1)
+    dd2_j = (_mm(ddelta1 * sd1, w2, PREC) - cl[:, None] * _mm(h1, tl.load(aw2_ptr + o2), PREC)
+             - ml[:, None] * _mm(h1, tl.load(as2_ptr + o2), PREC))
+    tl.store(dd2_ptr + (bh * NT + j) * BC * D + ocd, dd2_j)
+
+
+@triton.jit
+def _bwd_state_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_ptr,
+                      w1_ptr, w2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
+                      p_ptr, n_ptr, xh_ptr, dn1_ptr, dd2_ptr, hd_ptr, dks_ptr, x1_ptr, da1_ptr, ddl1_ptr,
+                      T, t0, NT, clip,
+                      BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
+                      ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr):
+    """Sums R6 (``d delta2``; program 0 writes ``dv`` and the per-head ``dk`` term), then the tile's
+    ``dz1``, its R8 partial of ``dk``, and the adjoint of its slice of the chunk-start state,
+    written in place over the adjoint of the state after the chunk."""
+    bh = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    rc = tl.arange(0, BC)
+    rd = tl.arange(0, D)
+    ocd = rc[:, None] * D + rd[None, :]
+    occ = rc[:, None] * BC + rc[None, :]
+    q, k, v, th, et, al, valid, rmask, xoff, goff = _load_chunk(
+        q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, bh, T, t0, BC, D)
+    go = tl.load(go_ptr + xoff, mask=rmask[:, None], other=0.0)
+    o1, o2 = _tile_offsets(bh, j, D, F, BF)
+    w1 = tl.load(w1_ptr + o1)
+    w2 = tl.load(w2_ptr + o2)
+    delta2, z1, h1, sd1, u, delta1 = _bwd_errors(k, v, w1, w2, p_ptr + bh * NT * BC * D, rmask, NT,
+                                                 BC, D, ACT, RES, PREC)
+    thc, _, _, kk, dd1, hh, dd2 = _bwd_clip(k, delta2, th, n_ptr + bh * NT * 2 * BC, NT, clip, BC, CLIP)
+    A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(thc, et, al, valid, BC)
+    XH = _sum_tiles(xh_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R3 (again)
+    ddelta2 = _sum_tiles(dd2_ptr + bh * NT * BC * D, NT, BC * D, ocd) - _mm(tl.trans(XH * C), go, PREC)  # R6
+    if CLIP:
+        dn2 = tl.load(hd_ptr + bh * BC + rc)
+        ddelta2 += (2.0 * dn2 * hh)[:, None] * delta2
+    else:
+        dn2 = th * 0.0
+    dy = 2.0 * ddelta2
+    if j == 0:
+        tl.store(dv_ptr + xoff, -dy, mask=rmask[:, None])
+        dN1 = _sum_tiles(dn1_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R4 (again)
+        dk_head = _mm(tl.trans(dN1 * C), q, PREC)
+        if RES:
+            dk_head += dy
+        if CLIP:
+            dk_head += (2.0 * dn2 * dd1)[:, None] * k
+        tl.store(dks_ptr + (bh * (NT + 1) + NT) * BC * D + ocd, dk_head)
+    ts = _tile_scratch(bh, j, NT, BC, BF)
+    x1 = tl.load(x1_ptr + ts)
+    da1 = tl.load(da1_ptr + ts)
+    ddelta1 = tl.load(ddl1_ptr + ts)
+    aw1 = tl.load(aw1_ptr + o1)
+    as1 = tl.load(as1_ptr + o1)
+    aw2 = tl.load(aw2_ptr + o2)
+    as2 = tl.load(as2_ptr + o2)
+    dXHC = -_mm(go, tl.trans(delta2), PREC) * C
+    cd2 = cl[:, None] * delta2
+    md2 = ml[:, None] * delta2
+    dh1 = (_mm(tl.trans(dXHC), x1, PREC) + _mm(dy, tl.trans(w2), PREC)
+           - _mm(cd2, tl.trans(aw2), PREC) - _mm(md2, tl.trans(as2), PREC))
+    if CLIP:
+        dh1 += (2.0 * dn2 * dd2)[:, None] * h1
+    dz1 = dh1 * sd1 + ddelta1 * u * _act_dd(z1, ACT)
+    dk_j = (_mm(dz1, tl.trans(w1), PREC) - _mm(cl[:, None] * delta1, tl.trans(aw1), PREC)
+            - _mm(ml[:, None] * delta1, tl.trans(as1), PREC))
+    tl.store(dks_ptr + (bh * (NT + 1) + j) * BC * D + ocd, dk_j)
+    tq = tl.trans(q)
+    tx1 = tl.trans(x1)
+    aw1n = bl * aw1 + _mm(tq, beta[:, None] * da1, PREC) + _mm(tl.trans(k), dz1, PREC)
+    as1n = gl * aw1 + el * as1 + _mm(tq, g[:, None] * da1, PREC)
+    aw2n = (bl * aw2 + _mm(tx1, beta[:, None] * go, PREC) + _mm(tl.trans(ddelta1 * sd1), delta2, PREC)
+            + _mm(tl.trans(h1), dy, PREC))
+    as2n = gl * aw2 + el * as2 + _mm(tx1, g[:, None] * go, PREC)
+    # every thread of the program has read the tile's adjoint before any overwrites it
+    tl.debug_barrier()
+    tl.store(aw1_ptr + o1, aw1n)
+    tl.store(as1_ptr + o1, as1n)
+    tl.store(aw2_ptr + o2, aw2n)
+    tl.store(as2_ptr + o2, as2n)
