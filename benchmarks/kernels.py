@@ -209,14 +209,14 @@ def _time_step(step: Callable[[], None], max_step_s: float, budget_s: float = 4.
 def _make(impl: str, dev):
     """(setup(T) -> step) for an impl, or raise ImportError for a missing peer."""
     torch.manual_seed(0)
-    if impl in ("ours_triton", "ours_torch", "ours_triton_stream"):
-        which = "torch" if impl == "ours_torch" else "triton"
+    if impl in ("ours_triton", "ours_torch", "ours_triton_stream", "ours_triton_tiled", "ours_triton_tiled_stream"):
+        which = {"ours_torch": "torch"}.get(impl, "triton_tiled" if "tiled" in impl else "triton")
         layer = NeuralMemory(D_MODEL, HEADS, HEAD_DIM, MemoryConfig(depth=2, expansion=4, chunk_size=CHUNK), impl=which).to(dev)
 
         def setup(T):
             x = torch.randn(B, T, D_MODEL, device=dev)
             gy = torch.randn(B, T, D_MODEL, device=dev)
-            if impl == "ours_triton_stream":
+            if impl.endswith("_stream"):
                 def step():
                     with torch.inference_mode():
                         state = None
@@ -464,6 +464,8 @@ def _aot_compile(fn, consts: dict, nw: int, label: str) -> bool:
     for name in fn.arg_names:
         if name in consts:
             sig[name] = "constexpr"
+        elif name in ("cnt_ptr", "err_ptr"):
+            sig[name] = "*i32"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
         elif name == "clip":
@@ -520,27 +522,29 @@ def run_aot() -> int:
 
 
 def run_aot_tiled(tiles=(4, 8)) -> int:
-    """The same compiler report for the tiled kernels (``ops/triton_tiled_kernels.py``) at W1 shapes, tile
-    width ``4 d / n_tiles``, with the launch options the driver uses (4 warps, 1 stage)."""
+    """The same compiler report for the tiled kernels (``ops/triton_tiled_kernels.py``, launch per
+    phase) and the persistent ones (``ops/triton_persistent_kernels.py``) at W1 shapes, tile width
+    ``4 d / n_tiles``, with the launch options the drivers use (1 stage; 4 warps, 8 for the
+    persistent forward)."""
+    from titans_memory.ops import triton_persistent_kernels as TP
     from titans_memory.ops import triton_tiled_kernels as TT
 
     _aot_header()
     ok = True
     F = 4 * HEAD_DIM
     for n in tiles:
-        base = dict(BC=CHUNK, D=HEAD_DIM, F=F, BF=F // n, ACT="silu", PREC=TT.PREC)
-        for fn, extra in (
-            (TT._keys_kernel, {}),
-            (TT._norms_kernel, dict(RES=True)),
-            (TT._update_kernel, dict(RES=True, CLIP=True, NEXT=True, PREV=True)),
-            (TT._bwd_keys_kernel, dict(PREV=True)),
-            (TT._bwd_norms_kernel, dict(RES=True)),
-            (TT._bwd_retrieval_kernel, dict(RES=True, CLIP=True)),
-            (TT._bwd_coeffs_kernel, dict(RES=True, CLIP=True)),
-            (TT._bwd_state_kernel, dict(RES=True, CLIP=True)),
+        base = dict(BC=CHUNK, D=HEAD_DIM, F=F, BF=F // n, ACT="silu", PREC=TT.PREC, RES=True, CLIP=True)
+        for fn, extra, nw, label in (
+            (TT._keys_kernel, {}, 4, "_keys_kernel"),
+            (TT._norms_kernel, {}, 4, "_norms_kernel"),
+            (TT._update_kernel, dict(NEXT=True, PREV=True), 4, "_update_kernel"),
+            *((TP._bwd_kernel, dict(PHASE=ph), 4, f"_bwd_kernel phase {ph}") for ph in (1, 2, 3, 4, 5)),
+            (TP._fwd_persistent_kernel, dict(OUT=True, SAVE=True), 8, "persistent fwd (train)"),
+            (TP._fwd_persistent_kernel, dict(OUT=False, SAVE=True), 8, "persistent fwd (recompute)"),
+            (TP._bwd_kernel, dict(PHASE=0), 4, "persistent bwd"),
         ):
             consts = {k: v for k, v in dict(base, **extra).items() if k in fn.arg_names}
-            ok &= _aot_compile(fn, consts, 4, f"tiled x{n} {fn.__name__}")
+            ok &= _aot_compile(fn, consts, nw, f"tiled x{n} {label}")
     print("aot:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 

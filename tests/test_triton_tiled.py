@@ -96,20 +96,48 @@ def test_tiled_triton_rejects_what_it_does_not_cover():
         neural_memory_tiled_triton(*g3, W3, S3, spec, CHUNK, None, n_tiles=1)
 
 
-TRAIN_CASES = [(n, clip, MemoryMLPSpec("silu", True)) for n in (1, 2, 4) for clip in (None, 0.05)]
-TRAIN_CASES.append((2, 0.05, MemoryMLPSpec("gelu", False)))
+@pytest.mark.parametrize("clip", [None, 0.05])
+@pytest.mark.parametrize("spec", [MemoryMLPSpec("silu", True), MemoryMLPSpec("gelu", False)],
+                         ids=lambda s: f"{s.activation}-res{int(s.residual)}")
+def test_persistent_forward_equals_chunked(clip, spec):
+    """The persistent forward kernel (one launch, state in registers, head barriers) with one tile
+    per head: the interpreter runs programs one after another, so more tiles would wait forever;
+    several tiles run through the same phases in the launch-per-phase tests above and on the GPU
+    (``benchmarks/kernels.py --check``)."""
+    torch.manual_seed(300 + 10 * (clip is not None) + spec.residual)
+    gates, W, S = make_inputs(B=2)
+    got = neural_memory_tiled_triton(*gates, W, S, spec, CHUNK, clip, n_tiles=1, persistent=True, check=True)
+    d64 = lambda ts: [t.detach().double() for t in ts]
+    ref = neural_memory_chunked(*d64(gates), d64(W), d64(S), spec, CHUNK, clip)
+    for name, a, b in zip(["o", "W1", "W2", "S1", "S2"], [got[0], *got[1], *got[2]], [ref[0], *ref[1], *ref[2]]):
+        err = rel_err(a, b)
+        assert err < REL_TOL, f"{name}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("n_tiles,clip,spec", TRAIN_CASES,
-                         ids=[f"{s.activation}-res{int(s.residual)}-x{n}-clip{c}" for n, c, s in TRAIN_CASES])
-def test_tiled_triton_train_gradients_equal_chunked(n_tiles, clip, spec):
-    torch.manual_seed(1000 + 100 * n_tiles + 10 * (clip is not None) + spec.residual)
+def test_persistent_refuses_several_tiles_under_the_interpreter():
+    gates, W, S = make_inputs(B=1, H=1, T=4)
+    with pytest.raises(ConfigError, match="interpreter"):
+        neural_memory_tiled_triton(*gates, W, S, MemoryMLPSpec(), CHUNK, None, n_tiles=2, persistent=True)
+
+
+TRAIN_CASES = [(n, clip, MemoryMLPSpec("silu", True), False) for n in (1, 2, 4) for clip in (None, 0.05)]
+TRAIN_CASES.append((2, 0.05, MemoryMLPSpec("gelu", False), False))
+# the persistent kernels (forward, segment recompute, backward walk with barriers), one tile
+TRAIN_CASES += [(1, clip, MemoryMLPSpec("silu", True), True) for clip in (None, 0.05)]
+TRAIN_CASES.append((1, 0.05, MemoryMLPSpec("gelu", False), True))
+
+
+@pytest.mark.parametrize("n_tiles,clip,spec,persistent", TRAIN_CASES,
+                         ids=[f"{s.activation}-res{int(s.residual)}-x{n}-clip{c}{'-persistent' * p}"
+                              for n, c, s, p in TRAIN_CASES])
+def test_tiled_triton_train_gradients_equal_chunked(n_tiles, clip, spec, persistent):
+    torch.manual_seed(1000 + 100 * n_tiles + 10 * (clip is not None) + spec.residual + 5 * persistent)
     B = 1 if n_tiles == 2 else 2  # 3 chunks, segments of 2 (checkpoint recompute) and 1
     gates, W, S = make_inputs(B=B)
     inputs = [*gates, *W, *S]
     leaves = [t.clone().requires_grad_(True) for t in inputs]
     o, W_T, S_T = neural_memory_tiled_triton_train(*leaves[:6], leaves[6:8], leaves[8:], spec, CHUNK, clip,
-                                                   n_tiles=n_tiles)
+                                                   n_tiles=n_tiles, persistent=persistent, check=persistent)
     outs = [o, *W_T, *S_T]
     cots = [torch.randn_like(t) for t in outs]
     grads = torch.autograd.grad(sum((t * c).sum() for t, c in zip(outs, cots)), leaves)

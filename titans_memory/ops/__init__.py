@@ -34,6 +34,7 @@ import os
 
 from typing import List, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor
 
 from .checkpointed import neural_memory_checkpointed
@@ -87,9 +88,12 @@ def neural_memory(
             from ..errors import ConfigError
 
             raise ConfigError('impl="triton_tiled" needs Triton and a CUDA device, or TRITON_INTERPRET=1 on the CPU')
-        from .triton_tiled import default_n_tiles, neural_memory_tiled_triton_train
+        from .triton_tiled import default_n_tiles, neural_memory_tiled_triton, neural_memory_tiled_triton_train
 
-        return neural_memory_tiled_triton_train(
+        tensors = (q, k, v, theta, eta, alpha, *weights, *(momentum or ()))
+        train = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        fn = neural_memory_tiled_triton_train if train else neural_memory_tiled_triton
+        return fn(
             q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size, max_update_norm,
             n_tiles=default_n_tiles(weights[0].shape[-1]),
         )

@@ -17,15 +17,11 @@ from torch import Tensor
 from ..errors import ConfigError, ShapeError
 from .fused import TRITON_ACTIVATIONS, _device_of, interpret_mode
 from .mlp import MemoryMLPSpec
+from .triton_persistent_kernels import _bwd_kernel, _fwd_persistent_kernel
 from .triton_tiled_kernels import (
     PREC,
     PRECISIONS,
-    _bwd_coeffs_kernel,
-    _bwd_keys_kernel,
-    _bwd_norms_kernel,
-    _bwd_retrieval_kernel,
     _bwd_rows_kernel,
-    _bwd_state_kernel,
     _keys_kernel,
     _norms_kernel,
     _output_kernel,
@@ -137,6 +133,71 @@ def _forward_chunks(xs, gates, state, out, c_begin, c_end, spec, max_update_norm
                               BC=BC, D=d, RES=bool(spec.residual), **launch)
 
 
+class BarrierTimeout(RuntimeError):
+    """A head barrier of the persistent kernels gave up waiting (its programs were not all
+    resident at once): the results of that call are wrong and must not be used."""
+
+
+def head_programs(BH: int, NT: int, dev: torch.device) -> int:
+    """``n_hp`` of the persistent grid ``(NT, n_hp)``: as many heads at once as fit one program
+    per SM (every program of a head must be resident for its barriers), at most ``BH``."""
+    if dev.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    if NT > sms:
+        raise ConfigError(f"n_tiles={NT} programs per head exceed the {sms} SMs of {dev}: the persistent kernel needs them all resident")
+    return max(1, min(BH, sms // NT))
+
+
+def resolve_persistent(persistent: Optional[bool], NT: int, dev: torch.device) -> bool:
+    """``None`` -> persistent on CUDA, launch per phase elsewhere; under the interpreter (which
+    runs programs one after another) the persistent kernels need ``n_tiles = 1``."""
+    if persistent is None:
+        return dev.type == "cuda"
+    if persistent and dev.type != "cuda" and NT > 1:
+        raise ConfigError(
+            f"persistent=True with n_tiles={NT} under TRITON_INTERPRET=1: the interpreter runs programs one "
+            "after another, so the head barrier would never open; use n_tiles=1 or persistent=False")
+    return bool(persistent)
+
+
+def check_barriers(err: Tensor) -> None:
+    """Raise :class:`BarrierTimeout` if any barrier of a persistent launch gave up (syncs)."""
+    n = int(err.sum().item())
+    if n:
+        raise BarrierTimeout(f"{n} head barrier(s) of the persistent memory kernels timed out")
+
+
+def _forward_persistent(xs, gates, st_in, st_out, out, c0, c1, spec, max_update_norm, NT, BC, err,
+                        save=None, prec=PREC, num_warps=8):
+    """Chunks ``c0 .. c1 - 1`` in one persistent launch: state from ``st_in`` (``(w1, s1, w2, s2)``)
+    to ``st_out`` (may be the same tensors); ``out`` receives the outputs (``None``: not
+    computed); ``save = (slots, every)`` stores the state at every ``every``-th chunk start into
+    ``slots`` (four ``[n, BH, ..]`` tensors). Barrier failures are counted in ``err``."""
+    BH, T, d = xs[0].shape
+    hid = st_in[0].shape[-1]
+    if c1 <= c0:
+        for a, b in zip(st_out, st_in):
+            if a.data_ptr() != b.data_ptr():
+                a.copy_(b)
+        return
+    dev, f32 = xs[0].device, torch.float32
+    p_scr = torch.empty(BH, 2, NT, BC, d, device=dev, dtype=f32)
+    CLIP = max_update_norm is not None
+    n_scr = torch.empty(BH, 2, NT, 2, BC, device=dev, dtype=f32) if CLIP else p_scr
+    OUT = out is not None
+    o_scr = torch.empty(BH, 2, NT, BC, d, device=dev, dtype=f32) if OUT else p_scr
+    cnt = torch.zeros(BH, device=dev, dtype=torch.int32)
+    slots, every = save if save is not None else (st_in, 1)
+    n_hp = head_programs(BH, NT, dev)
+    _fwd_persistent_kernel[(NT, n_hp)](
+        *xs, *gates, *st_in, *st_out, *slots, p_scr, n_scr, o_scr, out if OUT else p_scr, cnt, err,
+        BH, T, c0, c1, every, n_hp, NT, float(max_update_norm) if CLIP else 1.0,
+        BC=BC, D=d, F=hid, BF=hid // NT, ACT=spec.activation, RES=bool(spec.residual), CLIP=CLIP, OUT=OUT,
+        SAVE=save is not None, PREC=prec, num_warps=num_warps, num_stages=1,
+    )
+
+
 @torch.no_grad()
 def neural_memory_tiled_triton(
     q: Tensor,
@@ -152,9 +213,16 @@ def neural_memory_tiled_triton(
     max_update_norm: Optional[float] = None,
     n_tiles: int = 4,
     precision: str = PREC,
+    persistent: Optional[bool] = None,
+    check: bool = False,
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """Same interface and result (to fp32 rounding) as
     :func:`~titans_memory.ops.tiled.neural_memory_tiled`, forward only, depth 2.
+
+    ``persistent``: one launch for the whole sequence with per-head barriers
+    (:mod:`~titans_memory.ops.triton_persistent_kernels`), or one launch per phase per chunk;
+    ``None``: persistent on CUDA. ``check``: synchronise and raise :class:`BarrierTimeout` if a
+    barrier of the persistent kernel gave up.
 
     Shapes: ``q, k, v`` ``[B, H, T, d]``; gates ``[B, H, T]``; ``weights = [W1 [B, H, d, E d],
     W2 [B, H, E d, d]]``, ``momentum`` likewise (zeros if ``None``). Returns ``(o [B, H, T, d],
@@ -177,9 +245,16 @@ def neural_memory_tiled_triton(
 
     NT, BC = n_tiles, chunk_size
     out = torch.empty(BH, T, xs[0].shape[-1], device=q.device, dtype=f32)
+    state = (w1, s1, w2, s2)
     with _device_of(q):
-        _forward_chunks(xs, gates, (w1, s1, w2, s2), out, 0, -(-T // BC), spec, max_update_norm, NT, BC,
-                        prec=precision)
+        if resolve_persistent(persistent, NT, q.device):
+            err = torch.zeros(1, device=q.device, dtype=torch.int32)
+            _forward_persistent(xs, gates, state, state, out, 0, -(-T // BC), spec, max_update_norm, NT, BC, err,
+                                prec=precision)
+            if check:
+                check_barriers(err)
+        else:
+            _forward_chunks(xs, gates, state, out, 0, -(-T // BC), spec, max_update_norm, NT, BC, prec=precision)
 
     o = out.reshape(B, H, T, d).to(q.dtype)
     W_T = [w1.reshape(W[0].shape).to(W[0].dtype), w2.reshape(W[1].shape).to(W[1].dtype)]
@@ -190,9 +265,10 @@ def neural_memory_tiled_triton(
 # ---------------------------------------------------------------------------------------------
 # training path: forward with checkpoints, backward launch per phase, autograd wiring
 class _TrainCfg:
-    """Static configuration of one training call (flat shapes, tiling, segments)."""
+    """Static configuration of one training call (flat shapes, tiling, segments, driver)."""
 
-    def __init__(self, BH, T, d, hid, spec, chunk, n_tiles, max_update_norm, segment_chunks, prec=PREC):
+    def __init__(self, BH, T, d, hid, spec, chunk, n_tiles, max_update_norm, segment_chunks, prec=PREC,
+                 persistent=False, check=False):
         self.BH, self.T, self.d, self.hid = BH, T, d, hid
         self.prec = prec
         self.spec = spec
@@ -203,77 +279,108 @@ class _TrainCfg:
         self.max_update_norm = max_update_norm
         self.CLIP = max_update_norm is not None
         self.clip = float(max_update_norm) if self.CLIP else 1.0
-
-
-def _backward_launches(cfg: _TrainCfg, xs, gates, go, state, adj, scr, grads, n: int, prev: bool):
-    """The backward of chunk ``n`` (4 launches, 5 with the clip) from its chunk-start ``state``
-    (``(w1, s1, w2, s2)``); ``adj`` (same layout) holds the adjoint of the state after the chunk
-    and is overwritten with the adjoint of the chunk-start state. ``prev``: write the ``dq, dk``
-    rows of chunk ``n + 1`` in the first launch."""
-    qf, kf, vf = xs
-    w1, s1, w2, s2 = state
-    aw1, as1, aw2, as2 = adj
-    dq, dk, dv, dth, det, dal = grads
-    t0, NT, T = n * cfg.BC, cfg.NT, cfg.T
-    act, res, prec = cfg.spec.activation, bool(cfg.spec.residual), cfg.prec
-    sizes = dict(BC=cfg.BC, D=cfg.d, F=cfg.hid, BF=cfg.BF)
-    launch = dict(num_warps=4, num_stages=1)
-    grid = (cfg.BH, NT)
-    _bwd_keys_kernel[grid](kf, w1, w2, scr["P"], scr["DQ"], scr["DK"], dq, dk, T, t0, NT,
-                           ACT=act, PREV=prev, PREC=prec, **sizes, **launch)
-    if cfg.CLIP:
-        _bwd_norms_kernel[grid](kf, vf, w1, w2, scr["P"], scr["N"], T, t0, NT,
-                                ACT=act, RES=res, PREC=prec, **sizes, **launch)
-    flags = dict(ACT=act, RES=res, CLIP=cfg.CLIP, PREC=prec)
-    _bwd_retrieval_kernel[grid](qf, kf, vf, *gates, go, w1, s1, w2, s2, aw1, as1, aw2, as2,
-                                scr["P"], scr["N"], scr["XH"], scr["DN1"], scr["GT"], scr["GS"], scr["DQ"],
-                                scr["X1"], scr["DA1"], T, t0, NT, cfg.clip, **flags, **sizes, **launch)
-    _bwd_coeffs_kernel[grid](qf, kf, vf, *gates, go, w1, w2, aw1, as1, aw2, as2,
-                             scr["P"], scr["N"], scr["XH"], scr["DN1"], scr["GT"], scr["GS"], scr["DQ"],
-                             scr["DA1"], scr["DDL1"], scr["DD2"], scr["HD"], dth, det, dal,
-                             T, t0, NT, cfg.clip, **flags, **sizes, **launch)
-    _bwd_state_kernel[grid](qf, kf, vf, *gates, go, dv, w1, w2, aw1, as1, aw2, as2,
-                            scr["P"], scr["N"], scr["XH"], scr["DN1"], scr["DD2"], scr["HD"], scr["DK"],
-                            scr["X1"], scr["DA1"], scr["DDL1"], T, t0, NT, cfg.clip, **flags, **sizes, **launch)
+        self.persistent = persistent
+        self.check = check
+        if max(self.n_seg, self.K) * BH * d * hid >= 2**31:
+            raise ConfigError(f"{max(self.n_seg, self.K)} saved states of {BH} heads x {d} x {hid} exceed 2^31 "
+                              "elements; use a smaller batch or more segment_chunks")
 
 
 def _backward_scratch(cfg: _TrainCfg, dev) -> dict:
+    """Scratch of the backward (layout in ``triton_tiled_kernels.py``); ``P``, ``DQ``, ``DK`` carry
+    a leading chunk-parity axis of 2."""
     BH, NT, BC, BF, d = cfg.BH, cfg.NT, cfg.BC, cfg.BF, cfg.d
     f32 = torch.float32
-    shapes = dict(P=(BH, NT, BC, d), N=(BH, NT, 2, BC), XH=(BH, NT, BC, BC), DN1=(BH, NT, BC, BC),
-                  GT=(BH, NT, 4, BC), GS=(BH, NT, 4), DD2=(BH, NT, BC, d), DQ=(BH, NT + 1, BC, d),
-                  DK=(BH, NT + 1, BC, d), X1=(BH, NT, BC, BF), DA1=(BH, NT, BC, BF), DDL1=(BH, NT, BC, BF),
+    shapes = dict(P=(2, BH, NT, BC, d), N=(BH, NT, 2, BC), XH=(BH, NT, BC, BC), DN1=(BH, NT, BC, BC),
+                  GT=(BH, NT, 4, BC), GS=(BH, NT, 4), DD2=(BH, NT, BC, d), DQ=(2, BH, NT + 1, BC, d),
+                  DK=(2, BH, NT + 1, BC, d), X1=(BH, NT, BC, BF), DA1=(BH, NT, BC, BF), DDL1=(BH, NT, BC, BF),
                   HD=(BH, BC))
     return {name: torch.zeros(shape, device=dev, dtype=f32) for name, shape in shapes.items()}
+
+
+def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: int, nc: int, err) -> None:
+    """The backward of chunks ``c0 + nc - 1 .. c0`` (in that order); ``starts`` (four ``[K, BH, ..]``
+    tensors) hold their chunk-start states in slots ``0 .. nc - 1``; ``adj`` (the adjoint of the
+    state after chunk ``c0 + nc - 1``) is overwritten with that of the state before chunk ``c0``.
+    Persistent: one launch with barriers; else 4 launches per chunk (5 with the clip) of the
+    same kernel, one phase each."""
+    dq, dk, dv, dth, det, dal = grads
+    BH, NT = cfg.BH, cfg.NT
+    dev = xs[0].device
+    args = lambda st, n0, n: (
+        *xs, *gates, go, dq, dk, dv, dth, det, dal, *st, *adj,
+        scr["P"], scr["DQ"], scr["DK"], scr["N"], scr["XH"], scr["DN1"], scr["GT"], scr["GS"], scr["DD2"],
+        scr["HD"], scr["X1"], scr["DA1"], scr["DDL1"], cnt, err,
+        BH, cfg.T, n0, n, cfg.n_chunks, n_hp, NT, cfg.clip, scr["P"][0].numel(), scr["DQ"][0].numel())
+    meta = dict(BC=cfg.BC, D=cfg.d, F=cfg.hid, BF=cfg.BF, ACT=cfg.spec.activation, RES=bool(cfg.spec.residual),
+                CLIP=cfg.CLIP, PREC=cfg.prec, num_warps=4, num_stages=1)
+    if cfg.persistent:
+        n_hp = head_programs(BH, NT, dev)
+        cnt = torch.zeros(BH, device=dev, dtype=torch.int32)
+        _bwd_kernel[(NT, n_hp)](*args(starts, c0, nc), PHASE=0, **meta)
+        return
+    n_hp, cnt = BH, err
+    phases = (1, 2, 3, 4, 5) if cfg.CLIP else (1, 3, 4, 5)
+    for n in range(c0 + nc - 1, c0 - 1, -1):
+        st = [t[n - c0] for t in starts]
+        for ph in phases:
+            _bwd_kernel[(NT, BH)](*args(st, n, 1), PHASE=ph, **meta)
+
+
+def _recompute_starts(cfg: _TrainCfg, xs, gates, ck_slot, starts, c0: int, nc: int, err) -> None:
+    """Slots ``0 .. nc - 1`` of ``starts`` <- the start states of chunks ``c0 .. c0 + nc - 1``,
+    recomputed (forward without outputs) from ``ck_slot``, the state before chunk ``c0``."""
+    last = [t[nc - 1] for t in starts]
+    if cfg.persistent:
+        _forward_persistent(xs, gates, ck_slot, last, None, c0, c0 + nc - 1, cfg.spec, cfg.max_update_norm,
+                            cfg.NT, cfg.BC, err, save=(starts, 1), prec=cfg.prec)
+        return
+    cur = [c.clone() for c in ck_slot]
+
+    def save(n):
+        for dst, t in zip(starts, cur):
+            dst[n - c0].copy_(t)
+
+    _forward_chunks(xs, gates, cur, xs[0], c0, c0 + nc - 1, cfg.spec, cfg.max_update_norm, cfg.NT, cfg.BC,
+                    with_output=False, prec=cfg.prec, on_chunk_start=save)
+    for dst, t in zip(last, cur):
+        dst.copy_(t)
 
 
 class TiledTritonMemory(torch.autograd.Function):
     """``(q, k, v [BH, T, d], theta, eta, alpha [BH, T], W1, S1 [BH, d, F], W2, S2 [BH, F, d])
     -> (o [BH, T, d], W1_T, S1_T, W2_T, S2_T)``, all fp32 contiguous.
 
-    Forward: the launch-per-phase forward (:func:`_forward_chunks`), copying the state at the start
-    of every ``K``-th chunk into ``ceil(n_chunks / K)`` checkpoints (``K = cfg.K``, default
-    ``ceil(sqrt(n_chunks))``). Backward: segments of ``K`` chunks in reverse; per segment the
-    forward (without outputs) recomputes the ``K`` chunk-start states from the checkpoint, then
-    the segment's chunks are walked in reverse, each by :func:`_backward_launches`.
+    Forward: the state at the start of every ``K``-th chunk is kept in ``ceil(n_chunks / K)``
+    checkpoints (``K = cfg.K``, default ``ceil(sqrt(n_chunks))``). Backward: segments of ``K``
+    chunks in reverse; per segment the forward (without outputs) recomputes the ``K`` chunk-start
+    states from the checkpoint, then the segment's chunks are walked in reverse
+    (:func:`_backward_walk`). ``cfg.persistent`` chooses the persistent kernels (one launch per
+    segment and step) or the launch-per-phase ones; both compute the same numbers.
     """
 
     @staticmethod
     def forward(ctx, cfg, q, k, v, th, et, al, w1, s1, w2, s2):
         state = [t.detach().clone() for t in (w1, s1, w2, s2)]
         ck = [torch.empty(cfg.n_seg, *t.shape, device=t.device, dtype=t.dtype) for t in state]
-
-        def save(n):
-            if n % cfg.K == 0:
-                for c, t in zip(ck, state):
-                    c[n // cfg.K].copy_(t)
-
         xs = [t.detach() for t in (q, k, v)]
         gates = [t.detach() for t in (th, et, al)]
         out = torch.empty_like(xs[0])
+        err = torch.zeros(1, device=q.device, dtype=torch.int32)
         with _device_of(q):
-            _forward_chunks(xs, gates, state, out, 0, cfg.n_chunks, cfg.spec, cfg.max_update_norm, cfg.NT,
-                            cfg.BC, on_chunk_start=save, prec=cfg.prec)
+            if cfg.persistent:
+                _forward_persistent(xs, gates, state, state, out, 0, cfg.n_chunks, cfg.spec, cfg.max_update_norm,
+                                    cfg.NT, cfg.BC, err, save=(ck, cfg.K), prec=cfg.prec)
+            else:
+                def save(n):
+                    if n % cfg.K == 0:
+                        for c, t in zip(ck, state):
+                            c[n // cfg.K].copy_(t)
+
+                _forward_chunks(xs, gates, state, out, 0, cfg.n_chunks, cfg.spec, cfg.max_update_norm, cfg.NT,
+                                cfg.BC, on_chunk_start=save, prec=cfg.prec)
+        if cfg.check:
+            check_barriers(err)
         ctx.cfg = cfg
         ctx.save_for_backward(*xs, *gates, *ck)
         return (out, *state)
@@ -288,24 +395,19 @@ class TiledTritonMemory(torch.autograd.Function):
         adj = [torch.zeros_like(c[0]) if g is None else g.float().contiguous().clone()
                for g, c in zip((g_w1, g_s1, g_w2, g_s2), ck)]
         grads = [torch.empty_like(t) for t in (qf, kf, vf, th, et, al)]
+        err = torch.zeros(1, device=qf.device, dtype=torch.int32)
         with _device_of(qf):
             scr = _backward_scratch(cfg, qf.device)
-            first = True
+            starts = [torch.empty(min(cfg.K, cfg.n_chunks), *c.shape[1:], device=c.device, dtype=c.dtype) for c in ck]
             for s in range(cfg.n_seg - 1, -1, -1):
                 c0 = s * cfg.K
                 nc = min(cfg.K, cfg.n_chunks - c0)
-                cur = [c[s].clone() for c in ck]
-                starts = []
-                if nc > 1:  # chunk-start states of the segment, recomputed from its checkpoint
-                    _forward_chunks(xs, gates, cur, qf, c0, c0 + nc - 1, cfg.spec, cfg.max_update_norm, cfg.NT,
-                                    cfg.BC, with_output=False, prec=cfg.prec,
-                                    on_chunk_start=lambda n: starts.append([t.clone() for t in cur]))
-                starts.append(cur)
-                for n in range(c0 + nc - 1, c0 - 1, -1):
-                    _backward_launches(cfg, xs, gates, go, starts[n - c0], adj, scr, grads, n, prev=not first)
-                    first = False
-            _bwd_rows_kernel[(cfg.BH,)](scr["DQ"], scr["DK"], grads[0], grads[1], cfg.T, 0, cfg.NT,
+                _recompute_starts(cfg, xs, gates, [c[s] for c in ck], starts, c0, nc, err)
+                _backward_walk(cfg, xs, gates, go, starts, adj, scr, grads, c0, nc, err)
+            _bwd_rows_kernel[(cfg.BH,)](scr["DQ"][0], scr["DK"][0], grads[0], grads[1], cfg.T, 0, cfg.NT,
                                         BC=cfg.BC, D=cfg.d, num_warps=4, num_stages=1)
+        if cfg.check:
+            check_barriers(err)
         return (None, *grads, *adj)
 
 
@@ -324,6 +426,8 @@ def neural_memory_tiled_triton_train(
     n_tiles: int = 4,
     segment_chunks: Optional[int] = None,
     precision: str = PREC,
+    persistent: Optional[bool] = None,
+    check: bool = False,
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """Differentiable twin of :func:`neural_memory_tiled_triton` (depth 2, same coverage and
     requirements, same result): gradients flow to ``q, k, v, theta, eta, alpha``, ``weights`` and
@@ -367,7 +471,8 @@ def neural_memory_tiled_triton_train(
     if T == 0:
         return q.new_zeros(q.shape), [w.clone() for w in W], [s.clone() for s in S]
     f32 = torch.float32
-    cfg = _TrainCfg(BH, T, d, hid, spec, chunk_size, n_tiles, max_update_norm, segment_chunks, precision)
+    cfg = _TrainCfg(BH, T, d, hid, spec, chunk_size, n_tiles, max_update_norm, segment_chunks, precision,
+                    persistent=resolve_persistent(persistent, n_tiles, q.device), check=check)
     xs = [t.reshape(BH, T, d).to(f32).contiguous() for t in (q, k, v)]
     gates = [t.reshape(BH, T).to(f32).contiguous() for t in (theta, eta, alpha)]
     st = [t.reshape(BH, *t.shape[2:]).to(f32).contiguous() for t in (W[0], S[0], W[1], S[1])]

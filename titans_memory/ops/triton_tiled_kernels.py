@@ -121,7 +121,7 @@ def _phase_output(o_src, q_ptr, o_ptr, bh, T, t0, NT, BC: tl.constexpr, D: tl.co
     ocd = rc[:, None] * D + rd[None, :]
     out = tl.zeros([BC, D], dtype=tl.float32)
     for t in range(NT):
-        out += tl.load(o_src + t * BC * D + ocd)
+        out += tl.load(o_src + t * BC * D + ocd, cache_modifier=".cg")
     rmask = (t0 + rc) < T
     xoff = bh * T * D + (t0 + rc)[:, None] * D + rd[None, :]
     if RES:
@@ -252,9 +252,9 @@ def _output_kernel(q_ptr, op_ptr, o_ptr, T, t0, slot, NT, BC: tl.constexpr, D: t
 @triton.jit
 def _sum_tiles(ptr, n, stride, offs):
     """``sum_t ptr[t * stride + offs]`` for ``t = 0 .. n - 1``, tile 0 first (deterministic)."""
-    acc = tl.load(ptr + offs)
+    acc = tl.load(ptr + offs, cache_modifier=".cg")
     for t in range(1, n):
-        acc += tl.load(ptr + t * stride + offs)
+        acc += tl.load(ptr + t * stride + offs, cache_modifier=".cg")
     return acc
 
 
@@ -320,39 +320,31 @@ def _bwd_rows(dqs_head, dks_head, dq_ptr, dk_ptr, bh, T, t0, NT, BC: tl.constexp
 
 
 @triton.jit
-def _bwd_keys_kernel(k_ptr, w1_ptr, w2_ptr, p_ptr, dqs_ptr, dks_ptr, dq_ptr, dk_ptr, T, t0, NT,
-                     BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
-                     ACT: tl.constexpr, PREV: tl.constexpr, PREC: tl.constexpr):
-    """Launch 1 of a chunk's backward: R1 partial ``P_j = act(k W1_j) W2_j``. PREV: program
-    ``j = 0`` also writes the ``dq, dk`` rows of the chunk after this one (done in the launches before)."""
-    bh = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
+def _bwd_keys(bh, j, k_ptr, w1_ptr, w2_ptr, p_ptr, T, t0, NT,
+              BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
+              ACT: tl.constexpr, PREC: tl.constexpr):
+    """Phase 1 of a chunk's backward: R1 partial ``P_j = act(k W1_j) W2_j``."""
     o1, o2 = _tile_offsets(bh, j, D, F, BF)
     rc = tl.arange(0, BC)
     k = _rows(k_ptr, bh, T, t0, BC, D)
     p = _mm(_act(_mm(k, tl.load(w1_ptr + o1), PREC), ACT), tl.load(w2_ptr + o2), PREC)
     tl.store(p_ptr + (bh * NT + j) * BC * D + rc[:, None] * D + tl.arange(0, D)[None, :], p)
-    if PREV:
-        if j == 0:
-            _bwd_rows(dqs_ptr + bh * (NT + 1) * BC * D, dks_ptr + bh * (NT + 1) * BC * D, dq_ptr, dk_ptr,
-                      bh, T, t0 + BC, NT, BC, D)
 
 
 @triton.jit
 def _bwd_rows_kernel(dqs_ptr, dks_ptr, dq_ptr, dk_ptr, T, t0, NT, BC: tl.constexpr, D: tl.constexpr):
-    """Grid ``(BH,)``: the ``dq, dk`` rows of the first chunk (the walk's last)."""
+    """Grid ``(BH,)``: the ``dq, dk`` rows of the first chunk (the walk's last); ``dqs, dks``
+    point at that chunk's parity slot of the partials."""
     bh = tl.program_id(0).to(tl.int64)
     _bwd_rows(dqs_ptr + bh * (NT + 1) * BC * D, dks_ptr + bh * (NT + 1) * BC * D, dq_ptr, dk_ptr,
               bh, T, t0, NT, BC, D)
 
 
 @triton.jit
-def _bwd_norms_kernel(k_ptr, v_ptr, w1_ptr, w2_ptr, p_ptr, n_ptr, T, t0, NT,
+def _bwd_norms(bh, j, k_ptr, v_ptr, w1_ptr, w2_ptr, p_ptr, n_ptr, T, t0, NT,
                       BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
                       ACT: tl.constexpr, RES: tl.constexpr, PREC: tl.constexpr):
     """Clip only: R2 partials ``|delta1_j|^2``, ``|h1_j|^2`` per token."""
-    bh = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
     rc = tl.arange(0, BC)
     rmask = (t0 + rc) < T
     o1, o2 = _tile_offsets(bh, j, D, F, BF)
@@ -366,7 +358,7 @@ def _bwd_norms_kernel(k_ptr, v_ptr, w1_ptr, w2_ptr, p_ptr, n_ptr, T, t0, NT,
 
 
 @triton.jit
-def _bwd_retrieval_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
+def _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
                           w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
                           p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, gs_ptr, dqs_ptr, x1_ptr, da1_ptr,
                           T, t0, NT, clip,
@@ -374,8 +366,6 @@ def _bwd_retrieval_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
                           ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr):
     """Recompute, then the retrieval backward of the tile: partials of R3 (``x1_j h1_j^T``), R4
     (``-da1_j delta1_j^T``), R5 (gate cotangents) and R7 (``dq``); stash ``x1_j``, ``da1_j``."""
-    bh = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
     rc = tl.arange(0, BC)
     rd = tl.arange(0, D)
     ocd = rc[:, None] * D + rd[None, :]
@@ -428,7 +418,7 @@ def _bwd_retrieval_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
 
 
 @triton.jit
-def _bwd_coeffs_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
+def _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
                        w1_ptr, w2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
                        p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, gs_ptr, dqs_ptr, da1_ptr, ddl1_ptr, dd2_ptr, hd_ptr,
                        dth_ptr, det_ptr, dal_ptr,
@@ -438,8 +428,6 @@ def _bwd_coeffs_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
     """Sums R3, R4, R5; every program runs the per-head coefficient backward (``_coeffs_bwd``) and
     the clip backward (program 0 writes ``dtheta, deta, dalpha``, the per-head ``dq`` term and
     ``d n^2``); then the tile's ``d delta1_j`` (stashed) and its R6 partial of ``d delta2``."""
-    bh = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
     rc = tl.arange(0, BC)
     rd = tl.arange(0, D)
     ocd = rc[:, None] * D + rd[None, :]
@@ -495,7 +483,7 @@ def _bwd_coeffs_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
 
 
 @triton.jit
-def _bwd_state_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_ptr,
+def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_ptr,
                       w1_ptr, w2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
                       p_ptr, n_ptr, xh_ptr, dn1_ptr, dd2_ptr, hd_ptr, dks_ptr, x1_ptr, da1_ptr, ddl1_ptr,
                       T, t0, NT, clip,
@@ -504,8 +492,6 @@ def _bwd_state_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
     """Sums R6 (``d delta2``; program 0 writes ``dv`` and the per-head ``dk`` term), then the tile's
     ``dz1``, its R8 partial of ``dk``, and the adjoint of its slice of the chunk-start state,
     written in place over the adjoint of the state after the chunk."""
-    bh = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
     rc = tl.arange(0, BC)
     rd = tl.arange(0, D)
     ocd = rc[:, None] * D + rd[None, :]
@@ -523,7 +509,7 @@ def _bwd_state_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
     XH = _sum_tiles(xh_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R3 (again)
     ddelta2 = _sum_tiles(dd2_ptr + bh * NT * BC * D, NT, BC * D, ocd) - _mm(tl.trans(XH * C), go, PREC)  # R6
     if CLIP:
-        dn2 = tl.load(hd_ptr + bh * BC + rc)
+        dn2 = tl.load(hd_ptr + bh * BC + rc, cache_modifier=".cg")
         ddelta2 += (2.0 * dn2 * hh)[:, None] * delta2
     else:
         dn2 = th * 0.0

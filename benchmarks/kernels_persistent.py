@@ -1,0 +1,230 @@
+#!/usr/bin/env python
+"""GPU check and timing of the persistent tiled kernels (``ops/triton_persistent_kernels.py``).
+
+One run, for the device machine (see ``benchmarks/device/run_all.sh``, stage ``persistent``):
+
+1. compile every variant first, in parallel worker processes (Triton's cache is shared), so the
+   timings below exclude compilation and the call fits the device time;
+2. check each variant (``n_tiles``, clip, precision) against the chunked PyTorch form in fp64 on
+   the GPU: output, final state and the gradients of all ten inputs at T = 1008 (a last partial
+   chunk), plus a second identical run that must give bitwise-equal gradients (a race between the
+   tiles of a head would show there), and the barrier-timeout counter; the NeuralMemory layer at
+   W1 dims with ``impl="triton_tiled"`` against ``impl="torch"`` (fp32, no TF32);
+3. time the memory operator alone at W1 shapes (B 4, 8 heads x 64, depth 2, E 4, chunk 64, clip
+   1.0), forward only and forward + backward, for the timed variants and the fused kernel.
+
+Tolerances on ``||x - ref|| / ||ref||``: tf32 2e-2, bf16 5e-2, layer 2e-2 (as ``kernels.py --check``).
+
+    python benchmarks/kernels_persistent.py                 # everything, prints markdown tables
+    python benchmarks/kernels_persistent.py --lengths 8192  # fewer timing lengths
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from kernels import B, CHUNK, HEAD_DIM, HEADS, TOL, _inputs, _rel, _time_step, device_name  # noqa: E402
+from titans_memory.ops import neural_memory_chunked, neural_memory_triton  # noqa: E402
+from titans_memory.ops.mlp import MemoryMLPSpec  # noqa: E402
+from titans_memory.ops.triton_tiled import (  # noqa: E402
+    neural_memory_tiled_triton,
+    neural_memory_tiled_triton_train,
+)
+
+SPEC = MemoryMLPSpec("silu", residual=True)
+# (n_tiles, clip, precision, persistent)
+CHECKED = [(4, 1.0, "tf32", True), (8, 1.0, "tf32", True), (2, 1.0, "tf32", True), (4, None, "tf32", True),
+           (4, 1.0, "bf16", True), (4, 1.0, "tf32", False)]
+TIMED = [(4, 1.0, "tf32", True), (8, 1.0, "tf32", True), (4, 1.0, "bf16", True)]
+
+
+def _label(v) -> str:
+    n, clip, prec, pers = v
+    return f"x{n} clip {clip} {prec} {'persistent' if pers else 'launch/phase'}"
+
+
+def _run_variant(v, T, Bq=B, H=HEADS, seed=0, train=True):
+    """One call of a variant at W1 head shapes; returns (outputs, grads or None)."""
+    n, clip, prec, pers = v
+    args, W, S = _inputs(Bq, H, T, HEAD_DIM, 2, 4, torch.device("cuda"), seed=seed)
+    x = [t.float().requires_grad_(train) for t in args + W + S]
+    if not train:
+        with torch.no_grad():
+            o, Wt, St = neural_memory_tiled_triton(*x[:6], x[6:8], x[8:], SPEC, CHUNK, clip, n_tiles=n,
+                                                   precision=prec, persistent=pers, check=True)
+        return [o, *Wt, *St], None
+    o, Wt, St = neural_memory_tiled_triton_train(*x[:6], x[6:8], x[8:], SPEC, CHUNK, clip, n_tiles=n,
+                                                 precision=prec, persistent=pers, check=True)
+    outs = [o, *Wt, *St]
+    g = torch.Generator(device="cpu").manual_seed(99)
+    cots = [torch.randn(t.shape, generator=g).cuda() for t in outs]
+    return outs, torch.autograd.grad(outs, x, cots)
+
+
+def warm(variants) -> None:
+    """Compile every kernel of the variants in parallel worker processes."""
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, __file__, "--warm-one", json.dumps(list(v))]) for v in variants]
+    codes = [p.wait() for p in procs]
+    print(f"# compiled {len(variants)} variants in parallel in {time.perf_counter() - t0:.0f} s (exit codes {codes})",
+          flush=True)
+
+
+def warm_one(v) -> None:
+    v = tuple(v)
+    _run_variant(v, 200, Bq=1, H=2, train=True)
+    _run_variant(v, 200, Bq=1, H=2, train=False)
+    torch.cuda.synchronize()
+
+
+def check(variants, T=1008) -> bool:
+    ok = True
+    print(f"# persistent kernels: check on {device_name()}, T = {T}, B {B} x {HEADS} heads x {HEAD_DIM}, depth 2, E 4")
+    print("| variant | tol | fwd (inference) err | max grad err (tensor) | bitwise repeat | pass |")
+    print("|---|---|---|---|---|---|")
+    args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, torch.device("cuda"), seed=0)
+    refs = {}
+    for v in variants:
+        n, clip, prec, pers = v
+        t0 = time.perf_counter()
+        try:
+            if clip not in refs:  # the fp64 reference: outputs and gradients (same cotangents as _run_variant)
+                ref_in = [t.clone().requires_grad_() for t in args + W + S]
+                ro, rW, rS = neural_memory_chunked(*ref_in[:6], ref_in[6:8], ref_in[8:], SPEC, CHUNK, clip)
+                outs_ref = [ro, *rW, *rS]
+                g = torch.Generator(device="cpu").manual_seed(99)
+                cots = [torch.randn(t.shape, generator=g).cuda().double() for t in outs_ref]
+                refs[clip] = ([t.detach() for t in outs_ref], torch.autograd.grad(outs_ref, ref_in, cots))
+            ref_outs, gref = refs[clip]
+            inf_outs, _ = _run_variant(v, T, train=False)
+            e_fwd = max(_rel(a, b) for a, b in zip(inf_outs, ref_outs))
+            outs, grads = _run_variant(v, T, train=True)
+            _, grads2 = _run_variant(v, T, train=True)
+            names = ["o", "W1_T", "W2_T", "S1_T", "S2_T", "dq", "dk", "dv", "dtheta", "deta", "dalpha",
+                     "dW1", "dW2", "dS1", "dS2"]
+            errs = dict(zip(names, [_rel(a, b) for a, b in zip(outs, ref_outs)] + [_rel(a, b) for a, b in zip(grads, gref)]))
+            worst = max(errs, key=lambda k: errs[k] if errs[k] == errs[k] else float("inf"))
+            same = all(torch.equal(a, b) for a, b in zip(grads, grads2))
+            good = max(e_fwd, errs[worst]) <= TOL[prec] and same
+            cells = f"{e_fwd:.2e} | {errs[worst]:.2e} ({worst}) | {'yes' if same else 'NO'}"
+        except Exception as exc:  # a compile, launch or barrier failure is a failed check
+            good = False
+            cells = f"{type(exc).__name__}: {str(exc)[:200]} | | "
+        ok &= good
+        print(f"| {_label(v)} | {TOL[prec]:g} | {cells} | {'yes' if good else 'NO'} | ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+    ok &= check_layer()
+    print("persistent check:", "PASS" if ok else "FAIL", flush=True)
+    return ok
+
+
+def check_layer() -> bool:
+    from kernels import D_MODEL
+
+    from titans_memory.config import MemoryConfig
+    from titans_memory.memory import NeuralMemory
+
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        cfg = MemoryConfig(depth=2, expansion=4, chunk_size=CHUNK)
+        torch.manual_seed(0)
+        ref = NeuralMemory(D_MODEL, HEADS, HEAD_DIM, cfg, impl="torch").cuda()
+        til = NeuralMemory(D_MODEL, HEADS, HEAD_DIM, cfg, impl="triton_tiled").cuda()
+        til.load_state_dict(ref.state_dict())
+        x = torch.randn(2, 1008, D_MODEL, device="cuda")
+        gy = torch.randn_like(x)
+        res = {}
+        for name, layer in (("ref", ref), ("til", til)):
+            y = layer(x)
+            (y * gy).sum().backward()
+            res[name] = (y.detach(), {n: p.grad for n, p in layer.named_parameters()})
+        errs = {"y": _rel(res["til"][0], res["ref"][0])}
+        errs.update({f"d.{n}": _rel(res["til"][1][n], g) for n, g in res["ref"][1].items()})
+        worst = max(errs, key=lambda k: errs[k])
+        good = errs[worst] <= TOL["layer"]
+        print(f"| layer W1 dims, triton_tiled vs torch | {TOL['layer']:g} | | {errs[worst]:.2e} ({worst}) | | "
+              f"{'yes' if good else 'NO'} |", flush=True)
+        return good
+    except Exception as exc:
+        print(f"| layer W1 dims, triton_tiled vs torch | | {type(exc).__name__}: {str(exc)[:200]} | | | NO |")
+        return False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def timing(variants, lengths) -> list:
+    rows = []
+    print(f"\n# memory operator alone, W1 shapes (B {B}, {HEADS} heads x {HEAD_DIM}, depth 2, E 4, chunk {CHUNK}, "
+          f"clip 1.0), {device_name()}")
+    print("| impl | T | fwd M tok/s | fwd ms | fwd+bwd M tok/s | fwd+bwd ms | fwd+bwd peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    dev = torch.device("cuda")
+    for T in lengths:
+        args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, dev, seed=1)
+        x = [t.float().requires_grad_() for t in args + W + S]
+        cot = torch.randn(x[0].shape, device=dev)
+        runs = [(_label(v), v) for v in variants]
+        if T <= 32768:
+            runs.append(("fused (1 program/head)", None))
+        for name, v in runs:
+            if v is None:
+                fwd = lambda: neural_memory_triton(*x[:6], x[6:8], x[8:], SPEC, CHUNK, 1.0)[0]  # noqa: E731
+                inf = fwd
+            else:
+                n, clip, prec, pers = v
+                fwd = lambda n=n, c=clip, p=prec, q=pers: neural_memory_tiled_triton_train(  # noqa: E731
+                    *x[:6], x[6:8], x[8:], SPEC, CHUNK, c, n_tiles=n, precision=p, persistent=q)[0]
+                inf = lambda n=n, c=clip, p=prec, q=pers: neural_memory_tiled_triton(  # noqa: E731
+                    *x[:6], x[6:8], x[8:], SPEC, CHUNK, c, n_tiles=n, precision=p, persistent=q)[0]
+            try:
+                with torch.no_grad():
+                    sf, _ = _time_step(inf, 30.0, budget_s=1.5)
+                sb, peak = _time_step(lambda: torch.autograd.grad(fwd(), x[:6], cot), 30.0, budget_s=2.0)
+                row = dict(impl=name, T=T, fwd_tps=B * T / sf, fwd_ms=sf * 1e3, train_tps=B * T / sb,
+                           train_ms=sb * 1e3, peak_gib=peak)
+                print(f"| {name} | {T} | {row['fwd_tps'] / 1e6:.3f} | {sf * 1e3:.2f} | {row['train_tps'] / 1e6:.3f} | "
+                      f"{sb * 1e3:.2f} | {peak:.3f} |", flush=True)
+                rows.append(row)
+            except Exception as exc:
+                print(f"| {name} | {T} | {type(exc).__name__}: {str(exc)[:200]} | | | | |", flush=True)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--warm-one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--lengths", default="2048,8192,32768")
+    p.add_argument("--no-check", action="store_true")
+    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "kernels_persistent.json")
+    a = p.parse_args()
+    if a.warm_one:
+        warm_one(json.loads(a.warm_one))
+        return 0
+    if not torch.cuda.is_available():
+        print("needs a CUDA device")
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = True
+    warm(list(dict.fromkeys(CHECKED + TIMED)))
+    ok = True if a.no_check else check(CHECKED)
+    rows = timing(TIMED, [int(s) for s in a.lengths.split(",") if s])
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(dict(device=device_name(), date=time.strftime("%Y-%m-%d"), check_pass=ok,
+                                      torch=torch.__version__, rows=rows), indent=1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
