@@ -44,19 +44,28 @@ from titans_memory.ops.triton_tiled import (  # noqa: E402
 
 SPEC = MemoryMLPSpec("silu", residual=True)
 # (n_tiles, clip, precision, persistent)
-CHECKED = [(4, 1.0, "tf32", True), (8, 1.0, "tf32", True), (2, 1.0, "tf32", True), (4, None, "tf32", True),
-           (4, 1.0, "bf16", True), (4, 1.0, "tf32", False)]
-TIMED = [(4, 1.0, "tf32", True), (8, 1.0, "tf32", True), (4, 1.0, "bf16", True)]
+# (n_tiles, clip, precision, persistent[, bwd_tiles, bwd_warps (default n_tiles, 4)])
+CHECKED = [(4, 1.0, "tf32", True, 8, 8), (4, None, "tf32", True, 8, 8), (4, 1.0, "bf16", True, 8, 8),
+           (8, 1.0, "tf32", True)]
+TIMED = [(4, 1.0, "tf32", True, 8, 8), (4, 1.0, "bf16", True, 8, 8), (8, 1.0, "tf32", True),
+         (4, 1.0, "tf32", True, 8, 4)]
 
 
 def _label(v) -> str:
-    n, clip, prec, pers = v
-    return f"x{n} clip {clip} {prec} {'persistent' if pers else 'launch/phase'}"
+    n, clip, prec, pers, bt, bw = _full(v)
+    bwd = f", bwd x{bt} {bw} warps" if (bt, bw) != (n, 4) else ""
+    return f"x{n} clip {clip} {prec} {'persistent' if pers else 'launch/phase'}{bwd}"
+
+
+def _full(v):
+    """(n_tiles, clip, precision, persistent[, bwd_tiles, bwd_warps]) with the defaults filled in."""
+    n, clip, prec, pers = v[:4]
+    return n, clip, prec, pers, (v[4] if len(v) > 4 else n), (v[5] if len(v) > 5 else 4)
 
 
 def _run_variant(v, T, Bq=B, H=HEADS, seed=0, train=True):
     """One call of a variant at W1 head shapes; returns (outputs, grads or None)."""
-    n, clip, prec, pers = v
+    n, clip, prec, pers, bt, bw = _full(v)
     args, W, S = _inputs(Bq, H, T, HEAD_DIM, 2, 4, torch.device("cuda"), seed=seed)
     x = [t.float().requires_grad_(train) for t in args + W + S]
     if not train:
@@ -65,7 +74,8 @@ def _run_variant(v, T, Bq=B, H=HEADS, seed=0, train=True):
                                                    precision=prec, persistent=pers, check=True)
         return [o, *Wt, *St], None
     o, Wt, St = neural_memory_tiled_triton_train(*x[:6], x[6:8], x[8:], SPEC, CHUNK, clip, n_tiles=n,
-                                                 precision=prec, persistent=pers, check=True)
+                                                 precision=prec, persistent=pers, check=True, bwd_tiles=bt,
+                                                 num_warps=(8, bw))
     outs = [o, *Wt, *St]
     g = torch.Generator(device="cpu").manual_seed(99)
     cots = [torch.randn(t.shape, generator=g).cuda() for t in outs]
@@ -96,7 +106,7 @@ def check(variants, T=1008) -> bool:
     args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, torch.device("cuda"), seed=0)
     refs = {}
     for v in variants:
-        n, clip, prec, pers = v
+        n, clip, prec, pers, _, _ = _full(v)
         t0 = time.perf_counter()
         try:
             if clip not in refs:  # the fp64 reference: outputs and gradients (same cotangents as _run_variant)
@@ -183,9 +193,10 @@ def timing(variants, lengths) -> list:
                 fwd = lambda: neural_memory_triton(*x[:6], x[6:8], x[8:], SPEC, CHUNK, 1.0)[0]  # noqa: E731
                 inf = fwd
             else:
-                n, clip, prec, pers = v
-                fwd = lambda n=n, c=clip, p=prec, q=pers: neural_memory_tiled_triton_train(  # noqa: E731
-                    *x[:6], x[6:8], x[8:], SPEC, CHUNK, c, n_tiles=n, precision=p, persistent=q)[0]
+                n, clip, prec, pers, bt, bw = _full(v)
+                fwd = lambda n=n, c=clip, p=prec, q=pers, bt=bt, bw=bw: neural_memory_tiled_triton_train(  # noqa: E731
+                    *x[:6], x[6:8], x[8:], SPEC, CHUNK, c, n_tiles=n, precision=p, persistent=q, bwd_tiles=bt,
+                    num_warps=(8, bw))[0]
                 inf = lambda n=n, c=clip, p=prec, q=pers: neural_memory_tiled_triton(  # noqa: E731
                     *x[:6], x[6:8], x[8:], SPEC, CHUNK, c, n_tiles=n, precision=p, persistent=q)[0]
             try:
@@ -203,11 +214,54 @@ def timing(variants, lengths) -> list:
     return rows
 
 
+def diag(T: int = 8192) -> None:
+    """Forward-only (inference) timings of the persistent kernel at W1 shapes with one knob changed
+    at a time (tiles, warps, clip, barriers off, retrieval off, bf16): where its time goes."""
+    from titans_memory.ops.triton_tiled import _forward_persistent
+
+    dev = torch.device("cuda")
+    args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, dev, seed=2)
+    BH = B * HEADS
+    xs = [t.float().reshape(BH, T, HEAD_DIM).contiguous() for t in args[:3]]
+    gates = [t.float().reshape(BH, T).contiguous() for t in args[3:]]
+    st0 = [t.float().reshape(BH, *t.shape[2:]).contiguous() for t in (W[0], S[0], W[1], S[1])]
+    out = torch.empty_like(xs[0])
+    err = torch.zeros(1, device=dev, dtype=torch.int32)
+    print(f"\n# persistent forward (inference), T = {T}, W1 shapes, one knob at a time, {device_name()}")
+    print("| n_tiles | warps | clip | precision | barriers | retrieval | ms | M tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, nw, clip, prec, sync, ret in [(4, 8, 1.0, "tf32", True, True), (4, 4, 1.0, "tf32", True, True),
+                                         (8, 8, 1.0, "tf32", True, True), (8, 4, 1.0, "tf32", True, True),
+                                         (4, 8, None, "tf32", True, True), (4, 8, 1.0, "tf32", False, True),
+                                         (4, 8, 1.0, "tf32", True, False), (4, 8, 1.0, "bf16", True, True),
+                                         (2, 8, 1.0, "tf32", True, True)]:
+        def step():
+            st = [t.clone() for t in st0]
+            _forward_persistent(xs, gates, st, st, out if ret else None, 0, -(-T // CHUNK), SPEC, clip, n, CHUNK, err,
+                                prec=prec, num_warps=nw, sync=sync)
+        try:
+            sec, _ = _time_step(step, 30.0, budget_s=1.0)
+            print(f"| {n} | {nw} | {clip} | {prec} | {sync} | {ret} | {sec * 1e3:.2f} | {B * T / sec / 1e6:.3f} |",
+                  flush=True)
+        except Exception as exc:
+            print(f"| {n} | {nw} | {clip} | {prec} | {sync} | {ret} | {type(exc).__name__}: {str(exc)[:150]} | |",
+                  flush=True)
+
+
+def ncu_one(which: str, T: int = 8192) -> None:
+    """One forward (inference, x4) or one forward + backward (x8) for ``ncu`` to profile."""
+    v = (4, 1.0, "tf32", True) if which == "fwd" else (8, 1.0, "tf32", True)
+    _run_variant(v, T, train=which != "fwd")
+    torch.cuda.synchronize()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--warm-one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--lengths", default="2048,8192,32768")
     p.add_argument("--no-check", action="store_true")
+    p.add_argument("--diag", action="store_true", help="forward-only timings with one knob changed at a time")
+    p.add_argument("--ncu-one", default=None, choices=("fwd", "train"), help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "kernels_persistent.json")
     a = p.parse_args()
     if a.warm_one:
@@ -216,6 +270,12 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA device")
         return 2
+    if a.ncu_one:
+        ncu_one(a.ncu_one)
+        return 0
+    if a.diag:
+        diag()
+        return 0
     torch.backends.cuda.matmul.allow_tf32 = True
     warm(list(dict.fromkeys(CHECKED + TIMED)))
     ok = True if a.no_check else check(CHECKED)

@@ -74,7 +74,7 @@ def test_tiled_triton_rejects_what_it_does_not_cover():
     gates, W, S = make_inputs(B=1, H=1, T=4)
     spec = MemoryMLPSpec()
     with pytest.raises(ConfigError, match="precision"):
-        neural_memory_tiled_triton(*gates, W, S, spec, CHUNK, None, n_tiles=2, precision="bf16")
+        neural_memory_tiled_triton(*gates, W, S, spec, CHUNK, None, n_tiles=2, precision="fp8")
     with pytest.raises(ConfigError, match="divide"):
         neural_memory_tiled_triton(*gates, W, S, spec, CHUNK, None, n_tiles=3)
     with pytest.raises(ConfigError, match="tile width"):
@@ -158,6 +158,27 @@ def test_tiled_triton_train_gradients_equal_chunked(n_tiles, clip, spec, persist
         assert a.shape == b.shape and a.dtype == torch.float32, name
         err = rel_err(a, b)
         assert err < REL_TOL, f"{name}: relative error {err:.2e}"
+
+
+def test_backward_with_other_tiles_than_the_forward():
+    """``bwd_tiles``: the recompute and the backward walk in 4 tiles after a 1-tile forward (the
+    checkpoints are whole states, so the tilings are independent); gradients vs fp64 autograd."""
+    torch.manual_seed(77)
+    gates, W, S = make_inputs(B=1)
+    spec = MemoryMLPSpec("silu", True)
+    leaves = [t.clone().requires_grad_(True) for t in (*gates, *W, *S)]
+    o, W_T, S_T = neural_memory_tiled_triton_train(*leaves[:6], leaves[6:8], leaves[8:], spec, CHUNK, 0.05,
+                                                   n_tiles=1, bwd_tiles=4)
+    cot = torch.randn_like(o)
+    grads = torch.autograd.grad((o * cot).sum(), leaves)
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    ro = neural_memory_chunked(*ref_leaves[:6], ref_leaves[6:8], ref_leaves[8:], spec, CHUNK, 0.05)[0]
+    ref = torch.autograd.grad((ro * cot.double()).sum(), ref_leaves)
+    for i, (a, b) in enumerate(zip(grads, ref)):
+        assert rel_err(a, b) < REL_TOL, f"input {i}: relative error {rel_err(a, b):.2e}"
+    with pytest.raises(ConfigError, match="bwd_tiles"):
+        neural_memory_tiled_triton_train(*leaves[:6], leaves[6:8], leaves[8:], spec, CHUNK, None, n_tiles=1,
+                                         bwd_tiles=3)
 
 
 def test_layer_with_impl_triton_tiled_matches_torch_with_state_carry():

@@ -92,10 +92,15 @@ def neural_memory(
 
         tensors = (q, k, v, theta, eta, alpha, *weights, *(momentum or ()))
         train = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        fn = neural_memory_tiled_triton_train if train else neural_memory_tiled_triton
-        return fn(
+        hid = weights[0].shape[-1]
+        n_tiles = default_n_tiles(hid)
+        if not train:
+            return neural_memory_tiled_triton(
+                q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size, max_update_norm, n_tiles=n_tiles)
+        # the backward in tiles of 32 hidden units, 8 warps (fits an H100/H200 block at d = 64)
+        return neural_memory_tiled_triton_train(
             q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size, max_update_norm,
-            n_tiles=default_n_tiles(weights[0].shape[-1]),
+            n_tiles=n_tiles, bwd_tiles=max(n_tiles, hid // 32), num_warps=(8, 8),
         )
     if impl == "checkpointed":
         return neural_memory_checkpointed(

@@ -95,7 +95,7 @@ def _fwd_persistent_kernel(
     BH, T, c0, c1, save_every, n_hp, NT, clip,
     BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
     ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, OUT: tl.constexpr, SAVE: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, SYNC: tl.constexpr = True,
 ):
     """Chunks ``c0 .. c1 - 1`` of every head; grid ``(NT, n_hp)``.
 
@@ -134,7 +134,8 @@ def _fwd_persistent_kernel(
             h1 = _act(z1, ACT)
             p_head = p_ptr + (bh * 2 + slot) * NT * BC * D
             tl.store(p_head + j * BC * D + ocd, _mm(h1, w2, PREC))
-            nb = _head_sync(cnt, err_ptr, nb, NT)  # R1: y = sum_j h1_j W2_j
+            if SYNC:  # R1: y = sum_j h1_j W2_j
+                nb = _head_sync(cnt, err_ptr, nb, NT)
             y = _sum_tiles(p_head, NT, BC * D, ocd)
             if RES:
                 y += k
@@ -144,7 +145,8 @@ def _fwd_persistent_kernel(
                 n_head = n_ptr + (bh * 2 + slot) * NT * 2 * BC
                 tl.store(n_head + j * 2 * BC + rc, tl.sum(delta1 * delta1, axis=1))
                 tl.store(n_head + j * 2 * BC + BC + rc, tl.sum(h1 * h1, axis=1))
-                nb = _head_sync(cnt, err_ptr, nb, NT)
+                if SYNC:
+                    nb = _head_sync(cnt, err_ptr, nb, NT)
                 b1 = _sum_tiles(n_head, NT, 2 * BC, rc)
                 a2 = _sum_tiles(n_head + BC, NT, 2 * BC, rc)
                 sc, _, _ = _clip_scale(tl.sum(k * k, axis=1) * b1 + tl.sum(delta2 * delta2, axis=1) * a2, clip)
@@ -171,7 +173,8 @@ def _fwd_persistent_kernel(
                         _phase_output(op_ptr + (bh * 2 + 1 - slot) * NT * BC * D, q_ptr, o_ptr, bh, T, t0 - BC,
                                       NT, BC, D, RES)
         if OUT:
-            nb = _head_sync(cnt, err_ptr, nb, NT)
+            if SYNC:
+                nb = _head_sync(cnt, err_ptr, nb, NT)
             if j == (c1 - 1) % NT:
                 _phase_output(op_ptr + (bh * 2 + (c1 - 1) % 2) * NT * BC * D, q_ptr, o_ptr, bh, T,
                               (c1 - 1) * BC, NT, BC, D, RES)

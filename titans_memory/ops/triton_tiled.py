@@ -169,7 +169,7 @@ def check_barriers(err: Tensor) -> None:
 
 
 def _forward_persistent(xs, gates, st_in, st_out, out, c0, c1, spec, max_update_norm, NT, BC, err,
-                        save=None, prec=PREC, num_warps=8):
+                        save=None, prec=PREC, num_warps=8, sync=True):
     """Chunks ``c0 .. c1 - 1`` in one persistent launch: state from ``st_in`` (``(w1, s1, w2, s2)``)
     to ``st_out`` (may be the same tensors); ``out`` receives the outputs (``None``: not
     computed); ``save = (slots, every)`` stores the state at every ``every``-th chunk start into
@@ -194,7 +194,7 @@ def _forward_persistent(xs, gates, st_in, st_out, out, c0, c1, spec, max_update_
         *xs, *gates, *st_in, *st_out, *slots, p_scr, n_scr, o_scr, out if OUT else p_scr, cnt, err,
         BH, T, c0, c1, every, n_hp, NT, float(max_update_norm) if CLIP else 1.0,
         BC=BC, D=d, F=hid, BF=hid // NT, ACT=spec.activation, RES=bool(spec.residual), CLIP=CLIP, OUT=OUT,
-        SAVE=save is not None, PREC=prec, num_warps=num_warps, num_stages=1,
+        SAVE=save is not None, PREC=prec, SYNC=sync, num_warps=num_warps, num_stages=1,
     )
 
 
@@ -268,11 +268,15 @@ class _TrainCfg:
     """Static configuration of one training call (flat shapes, tiling, segments, driver)."""
 
     def __init__(self, BH, T, d, hid, spec, chunk, n_tiles, max_update_norm, segment_chunks, prec=PREC,
-                 persistent=False, check=False):
+                 persistent=False, check=False, bwd_tiles=None, num_warps=(8, 4)):
         self.BH, self.T, self.d, self.hid = BH, T, d, hid
         self.prec = prec
         self.spec = spec
-        self.BC, self.NT, self.BF = chunk, n_tiles, hid // n_tiles
+        # NT / BF: the backward's tiling (recompute and walk); NT_fwd: the forward's
+        self.NT_fwd = n_tiles
+        self.BC, self.NT = chunk, bwd_tiles or n_tiles
+        self.BF = hid // self.NT
+        self.fwd_warps, self.bwd_warps = num_warps
         self.n_chunks = -(-T // chunk)
         self.K = segment_chunks or max(1, math.ceil(math.sqrt(self.n_chunks)))
         self.n_seg = -(-self.n_chunks // self.K)
@@ -313,7 +317,7 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
         scr["HD"], scr["X1"], scr["DA1"], scr["DDL1"], cnt, err,
         BH, cfg.T, n0, n, cfg.n_chunks, n_hp, NT, cfg.clip, scr["P"][0].numel(), scr["DQ"][0].numel())
     meta = dict(BC=cfg.BC, D=cfg.d, F=cfg.hid, BF=cfg.BF, ACT=cfg.spec.activation, RES=bool(cfg.spec.residual),
-                CLIP=cfg.CLIP, PREC=cfg.prec, num_warps=4, num_stages=1)
+                CLIP=cfg.CLIP, PREC=cfg.prec, num_warps=cfg.bwd_warps, num_stages=1)
     if cfg.persistent:
         n_hp = head_programs(BH, NT, dev)
         cnt = torch.zeros(BH, device=dev, dtype=torch.int32)
@@ -333,7 +337,7 @@ def _recompute_starts(cfg: _TrainCfg, xs, gates, ck_slot, starts, c0: int, nc: i
     last = [t[nc - 1] for t in starts]
     if cfg.persistent:
         _forward_persistent(xs, gates, ck_slot, last, None, c0, c0 + nc - 1, cfg.spec, cfg.max_update_norm,
-                            cfg.NT, cfg.BC, err, save=(starts, 1), prec=cfg.prec)
+                            cfg.NT, cfg.BC, err, save=(starts, 1), prec=cfg.prec, num_warps=cfg.fwd_warps)
         return
     cur = [c.clone() for c in ck_slot]
 
@@ -370,14 +374,15 @@ class TiledTritonMemory(torch.autograd.Function):
         with _device_of(q):
             if cfg.persistent:
                 _forward_persistent(xs, gates, state, state, out, 0, cfg.n_chunks, cfg.spec, cfg.max_update_norm,
-                                    cfg.NT, cfg.BC, err, save=(ck, cfg.K), prec=cfg.prec)
+                                    cfg.NT_fwd, cfg.BC, err, save=(ck, cfg.K), prec=cfg.prec,
+                                    num_warps=cfg.fwd_warps)
             else:
                 def save(n):
                     if n % cfg.K == 0:
                         for c, t in zip(ck, state):
                             c[n // cfg.K].copy_(t)
 
-                _forward_chunks(xs, gates, state, out, 0, cfg.n_chunks, cfg.spec, cfg.max_update_norm, cfg.NT,
+                _forward_chunks(xs, gates, state, out, 0, cfg.n_chunks, cfg.spec, cfg.max_update_norm, cfg.NT_fwd,
                                 cfg.BC, on_chunk_start=save, prec=cfg.prec)
         if cfg.check:
             check_barriers(err)
@@ -428,6 +433,8 @@ def neural_memory_tiled_triton_train(
     precision: str = PREC,
     persistent: Optional[bool] = None,
     check: bool = False,
+    bwd_tiles: Optional[int] = None,
+    num_warps: Tuple[int, int] = (8, 4),
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """Differentiable twin of :func:`neural_memory_tiled_triton` (depth 2, same coverage and
     requirements, same result): gradients flow to ``q, k, v, theta, eta, alpha``, ``weights`` and
@@ -436,7 +443,11 @@ def neural_memory_tiled_triton_train(
     Shapes: ``q, k, v`` ``[B, H, T, d]``; gates ``[B, H, T]``; ``weights = [W1 [B, H, d, E d],
     W2 [B, H, E d, d]]``, ``momentum`` likewise (zeros if ``None``). Returns ``(o [B, H, T, d],
     [W1_T, W2_T], [S1_T, S2_T])`` in fp32. ``segment_chunks``: chunks between saved states
-    (default ``ceil(sqrt(n_chunks))``).
+    (default ``ceil(sqrt(n_chunks))``). ``persistent``, ``check``: as for
+    :func:`neural_memory_tiled_triton`. ``bwd_tiles``: tiles per head of the backward (its
+    recompute and walk; default ``n_tiles``: the backward holds about twice the live tensors per
+    tile, so narrower tiles can fit where the forward's do not). ``num_warps``: (forward and
+    recompute, backward) warps per program.
 
     The backward (:class:`TiledTritonMemory`) is the hand-written tiled backward of
     :func:`~titans_memory.ops.tiled.chunk_backward_depth2` as Triton kernels, grid
@@ -471,8 +482,13 @@ def neural_memory_tiled_triton_train(
     if T == 0:
         return q.new_zeros(q.shape), [w.clone() for w in W], [s.clone() for s in S]
     f32 = torch.float32
+    if bwd_tiles is not None:
+        reason = tiled_triton_unsupported_reason(q, W, spec, chunk_size, bwd_tiles)
+        if reason is not None:
+            raise ConfigError(f"bwd_tiles: neural_memory_tiled_triton_train does not cover {reason}")
+    persistent = resolve_persistent(persistent, max(n_tiles, bwd_tiles or 1), q.device)
     cfg = _TrainCfg(BH, T, d, hid, spec, chunk_size, n_tiles, max_update_norm, segment_chunks, precision,
-                    persistent=resolve_persistent(persistent, n_tiles, q.device), check=check)
+                    persistent=persistent, check=check, bwd_tiles=bwd_tiles, num_warps=num_warps)
     xs = [t.reshape(BH, T, d).to(f32).contiguous() for t in (q, k, v)]
     gates = [t.reshape(BH, T).to(f32).contiguous() for t in (theta, eta, alpha)]
     st = [t.reshape(BH, *t.shape[2:]).to(f32).contiguous() for t in (W[0], S[0], W[1], S[1])]

@@ -60,7 +60,7 @@ from .triton_kernels import _act, _act_d, _act_dd, _clip_bwd, _clip_scale, _coef
 #: fewer FLOP/s on an H100) or ``"ieee"`` (fp32 FMA, bitwise closer to the reference). The
 #: interpreter computes both in fp32.
 PREC = "tf32"
-PRECISIONS = ("tf32", "ieee")
+PRECISIONS = ("tf32", "ieee", "bf16")
 
 
 # ---------------------------------------------------------------------------------------------
