@@ -6,8 +6,10 @@ memory-light checkpointed variant and the fused Triton kernels.
 ============== =============================================================================
 ``impl``       implementation
 ============== =============================================================================
-``"auto"``     ``"triton"`` for CUDA inputs it supports (depth 1-2, norm off, clipping on or
-               off, fp32, chunk 16/32/64, head_dim 16/32/64: see
+``"auto"``     without gradients on CUDA (inference, streaming): ``"triton_tiled"`` where it
+               covers the shapes (depth 2, head dim 16-64); otherwise ``"triton"`` for CUDA
+               inputs it supports (depth 1-2, norm off, clipping on or off, fp32, chunk
+               16/32/64, head_dim 16/32/64: see
                :func:`~titans_memory.ops.fused.triton_unsupported_reason`), else ``"torch"``;
                ``TITANS_MEMORY_TRITON=0`` in the environment turns the Triton choice off
 ``"triton"``   fused Triton kernels (:mod:`titans_memory.ops.fused`); a clear
@@ -16,16 +18,17 @@ memory-light checkpointed variant and the fused Triton kernels.
                ``O(sqrt(T))`` saved state instead of ``O(T)`` (any configuration)
 ``"torch"``    chunked PyTorch (:mod:`titans_memory.ops.chunked`), autograd through the loop
 ``"naive"``    token-by-token reference (:mod:`titans_memory.ops.naive`), the specification
-``"triton_tiled"`` experimental, opt-in: the tiled Triton kernels
-               (:mod:`titans_memory.ops.triton_tiled`), a head's hidden units over several
-               programs (tiles of ``min(64, H / 2)`` units); depth 2 only; verified under the
-               interpreter, not yet run on a GPU; never chosen by ``"auto"``
+``"triton_tiled"`` the tiled Triton kernels (:mod:`titans_memory.ops.triton_tiled`), a head's
+               hidden units over several programs (tiles of ``min(64, H / 2)`` units; the
+               training backward in tiles of 32), on CUDA as persistent kernels with per-head
+               barriers (:mod:`titans_memory.ops.triton_persistent_kernels`); depth 2 only;
+               checked on an H200; chosen by ``"auto"`` for inference only
 ============== =============================================================================
 
 :mod:`titans_memory.ops.tiled` (not dispatched) is the chunked form with a head's state split over
 tiles and the cross-tile reductions explicit: the specification of a multi-program kernel.
-:mod:`titans_memory.ops.triton_tiled` (``impl="triton_tiled"``, opt-in, not yet run on a GPU) runs
-it, forward and backward, as Triton kernels with several programs per head.
+:mod:`titans_memory.ops.triton_tiled` (``impl="triton_tiled"``) runs it, forward and backward, as
+Triton kernels with several programs per head.
 """
 
 from __future__ import annotations
@@ -51,6 +54,24 @@ IMPLS = ("auto", "triton", "checkpointed", "torch", "naive", "triton_tiled")
 TRITON_AUTO = os.environ.get("TITANS_MEMORY_TRITON", "1") != "0"
 
 
+def _tiled_inference_ok(q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size) -> bool:
+    """Whether ``impl="auto"`` takes the persistent tiled forward: CUDA, no gradient wanted
+    (inference, e.g. streaming), depth 2 and the head shapes its GPU check covered (head dim
+    16-64, ``benchmarks/kernels_persistent.py``); it ran 1.9x the fused kernel's streaming speed
+    on an H200 (``benchmarks/RESULTS.md``). Training stays on the fused kernels, which were faster."""
+    if not (TRITON_AUTO and q.is_cuda and len(weights) == 2 and q.shape[-1] <= 64):
+        return False
+    tensors = (q, k, v, theta, eta, alpha, *weights, *(momentum or ()))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if not triton_available():
+        return False
+    from .triton_tiled import default_n_tiles, tiled_triton_unsupported_reason
+
+    n_tiles = default_n_tiles(weights[0].shape[-1])
+    return tiled_triton_unsupported_reason(q, weights, spec, chunk_size, n_tiles) is None
+
+
 def neural_memory(
     q: Tensor,
     k: Tensor,
@@ -70,6 +91,8 @@ def neural_memory(
     ``impl``: ``"auto"``, ``"triton"``, ``"checkpointed"``, ``"torch"`` or ``"naive"`` (see the
     module docstring). All compute the same function; gradients flow to every tensor argument.
     """
+    if impl == "auto" and _tiled_inference_ok(q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size):
+        impl = "triton_tiled"
     if impl == "auto":
         impl = "torch"
         if (
