@@ -27,9 +27,8 @@ for s in $STAGES; do
                 --horizons 96 192 336 720 --seeds 0 --data-dir "$TITANS_DATA_DIR" --resume --out-md 2>&1 | tee "$OUT/ltsf.log" ;;
     sweep)    timeout 300 python3 benchmarks/kernels.py --sweep 2>&1 | tee "$OUT/sweep.log" ;;
     persistent) timeout 280 python3 benchmarks/kernels_persistent.py 2>&1 | tee "$OUT/persistent.log"
-              timeout 270 python3 benchmarks/kernels.py --out-csv benchmarks/results/kernels_h200.csv \
-                --impls ours_triton,ours_triton_tiled,ours_triton_stream,ours_triton_tiled_stream,titans_pytorch,sdpa_causal_bf16 \
-                2>&1 | tee "$OUT/kernels_h200.log" ;;
+              timeout 270 python3 benchmarks/kernels.py --out-csv benchmarks/results/kernels_h200_tiled.csv \
+                --impls ${PERSISTENT_IMPLS:-ours_triton_tiled,ours_triton} 2>&1 | tee "$OUT/kernels_h200.log" ;;
     tiled)    timeout 500 python3 benchmarks/kernels.py --tiled --lengths 2048,8192,32768 2>&1 | tee "$OUT/tiled.log" ;;
     distributed) # DDP over every GPU (and devices=1); Optuna workers one per GPU, at least 2 (sharing a GPU if 1)
               n=$(python3 -c 'import torch; print(torch.cuda.device_count())')

@@ -19,8 +19,8 @@ memory-light checkpointed variant and the fused Triton kernels.
 ``"torch"``    chunked PyTorch (:mod:`titans_memory.ops.chunked`), autograd through the loop
 ``"naive"``    token-by-token reference (:mod:`titans_memory.ops.naive`), the specification
 ``"triton_tiled"`` the tiled Triton kernels (:mod:`titans_memory.ops.triton_tiled`), a head's
-               hidden units over several programs (tiles of ``min(64, H / 2)`` units; the
-               training backward in tiles of 32), on CUDA as persistent kernels with per-head
+               hidden units over several programs (tiles of ``min(64, H / 2)`` units), on CUDA
+               as persistent kernels with per-head
                barriers (:mod:`titans_memory.ops.triton_persistent_kernels`); depth 2 only;
                checked on an H200; chosen by ``"auto"`` for inference only
 ============== =============================================================================
@@ -115,15 +115,13 @@ def neural_memory(
 
         tensors = (q, k, v, theta, eta, alpha, *weights, *(momentum or ()))
         train = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        hid = weights[0].shape[-1]
-        n_tiles = default_n_tiles(hid)
+        n_tiles = default_n_tiles(weights[0].shape[-1])
         if not train:
             return neural_memory_tiled_triton(
                 q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size, max_update_norm, n_tiles=n_tiles)
-        # the backward in tiles of 32 hidden units, 8 warps (fits an H100/H200 block at d = 64)
         return neural_memory_tiled_triton_train(
             q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size, max_update_norm,
-            n_tiles=n_tiles, bwd_tiles=max(n_tiles, hid // 32), num_warps=(8, 8),
+            n_tiles=n_tiles, num_warps=(8, 8),
         )
     if impl == "checkpointed":
         return neural_memory_checkpointed(

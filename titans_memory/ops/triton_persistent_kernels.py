@@ -15,7 +15,7 @@ starts a new launch:
   state every ``save_every`` chunks (the training checkpoints, or every chunk start of a
   segment for the backward's recompute).
 - :func:`_bwd_kernel` (backward): ``PHASE = 0`` walks chunks ``c0 + nc - 1 .. c0`` in reverse with
-  the five backward phases of a chunk (``_bwd_keys``, ``_bwd_norms`` with the clip,
+  the five backward phases of a chunk (``_bwd_keys``, ``_bwd_norms``,
   ``_bwd_retrieval``, ``_bwd_coeffs``, ``_bwd_state``) separated by barriers; ``PHASE = 1..5``
   runs that one phase of chunk ``c0`` for the grid ``(n_tiles, BH)`` with no barrier: this is
   the launch-per-phase backward (the same code, which is how CI tests it under the
@@ -196,8 +196,9 @@ def _bwd_chunk(bh, j, n, nb,
                BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
                ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
                MASK: tl.constexpr, SYNC: tl.constexpr):
-    """The backward phases of chunk ``n`` selected by the bit mask ``MASK`` (1 keys, 2 norms, 4
-    retrieval, 8 coefficients, 16 state), with a head barrier after each when ``SYNC``. ``w1 ..``
+    """The backward phases of chunk ``n`` selected by the bit mask ``MASK`` (1 keys, 2 norms and
+    adjoint gate terms, 4 retrieval, 8 coefficients, 16 state), with a head barrier after each
+    that another tile's later phase depends on when ``SYNC`` (3 per chunk, 4 with the clip). ``w1 ..``
     point at the chunk-start state; the adjoint ``aw1 ..`` is updated in place."""
     t0 = n * BC
     slot = n % 2
@@ -208,9 +209,10 @@ def _bwd_chunk(bh, j, n, nb,
         _bwd_keys(bh, j, k_ptr, w1_ptr, w2_ptr, p_s, T, t0, NT, BC, D, F, BF, ACT, PREC)
     if SYNC:
         nb = _head_sync(cnt_ptr + bh, err_ptr, nb, NT)
-    if CLIP:
-        if MASK & 2:
-            _bwd_norms(bh, j, k_ptr, v_ptr, w1_ptr, w2_ptr, p_s, n_ptr, T, t0, NT, BC, D, F, BF, ACT, RES, PREC)
+    if MASK & 2:
+        _bwd_norms(bh, j, k_ptr, v_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
+                   p_s, n_ptr, gt_ptr, gs_ptr, T, t0, NT, BC, D, F, BF, ACT, RES, CLIP, PREC)
+    if CLIP:  # R2 (without the clip, phases 2 and 3 are both tile-local: no barrier between them)
         if SYNC:
             nb = _head_sync(cnt_ptr + bh, err_ptr, nb, NT)
     if MASK & 4:
@@ -219,8 +221,8 @@ def _bwd_chunk(bh, j, n, nb,
                 other = (1 - slot) * qk_stride + bh * (NT + 1) * BC * D
                 _bwd_rows(dqs_ptr + other, dks_ptr + other, dq_ptr, dk_ptr, bh, T, t0 + BC, NT, BC, D)
         _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
-                       w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
-                       p_s, n_ptr, xh_ptr, dn1_ptr, gt_ptr, gs_ptr, dqs, x1_ptr, da1_ptr,
+                       w1_ptr, s1_ptr, w2_ptr, s2_ptr,
+                       p_s, n_ptr, xh_ptr, dn1_ptr, gt_ptr, dqs, x1_ptr, da1_ptr,
                        T, t0, NT, clip, BC, D, F, BF, ACT, RES, CLIP, PREC)
     if SYNC:
         nb = _head_sync(cnt_ptr + bh, err_ptr, nb, NT)

@@ -306,8 +306,8 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
     """The backward of chunks ``c0 + nc - 1 .. c0`` (in that order); ``starts`` (four ``[K, BH, ..]``
     tensors) hold their chunk-start states in slots ``0 .. nc - 1``; ``adj`` (the adjoint of the
     state after chunk ``c0 + nc - 1``) is overwritten with that of the state before chunk ``c0``.
-    Persistent: one launch with barriers; else 4 launches per chunk (5 with the clip) of the
-    same kernel, one phase each."""
+    Persistent: one launch with barriers; else 5 launches per chunk of the same kernel, one phase
+    each."""
     dq, dk, dv, dth, det, dal = grads
     BH, NT = cfg.BH, cfg.NT
     dev = xs[0].device
@@ -324,7 +324,7 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
         _bwd_kernel[(NT, n_hp)](*args(starts, c0, nc), PHASE=0, **meta)
         return
     n_hp, cnt = BH, err
-    phases = (1, 2, 3, 4, 5) if cfg.CLIP else (1, 3, 4, 5)
+    phases = (1, 2, 3, 4, 5)
     for n in range(c0 + nc - 1, c0 - 1, -1):
         st = [t[n - c0] for t in starts]
         for ph in phases:
@@ -335,9 +335,9 @@ def _recompute_starts(cfg: _TrainCfg, xs, gates, ck_slot, starts, c0: int, nc: i
     """Slots ``0 .. nc - 1`` of ``starts`` <- the start states of chunks ``c0 .. c0 + nc - 1``,
     recomputed (forward without outputs) from ``ck_slot``, the state before chunk ``c0``."""
     last = [t[nc - 1] for t in starts]
-    if cfg.persistent:
+    if cfg.persistent:  # in the forward's tiling (the saved states are whole, whatever the tiling)
         _forward_persistent(xs, gates, ck_slot, last, None, c0, c0 + nc - 1, cfg.spec, cfg.max_update_norm,
-                            cfg.NT, cfg.BC, err, save=(starts, 1), prec=cfg.prec, num_warps=cfg.fwd_warps)
+                            cfg.NT_fwd, cfg.BC, err, save=(starts, 1), prec=cfg.prec, num_warps=cfg.fwd_warps)
         return
     cur = [c.clone() for c in ck_slot]
 
@@ -345,7 +345,7 @@ def _recompute_starts(cfg: _TrainCfg, xs, gates, ck_slot, starts, c0: int, nc: i
         for dst, t in zip(starts, cur):
             dst[n - c0].copy_(t)
 
-    _forward_chunks(xs, gates, cur, xs[0], c0, c0 + nc - 1, cfg.spec, cfg.max_update_norm, cfg.NT, cfg.BC,
+    _forward_chunks(xs, gates, cur, xs[0], c0, c0 + nc - 1, cfg.spec, cfg.max_update_norm, cfg.NT_fwd, cfg.BC,
                     with_output=False, prec=cfg.prec, on_chunk_start=save)
     for dst, t in zip(last, cur):
         dst.copy_(t)

@@ -341,31 +341,54 @@ def _bwd_rows_kernel(dqs_ptr, dks_ptr, dq_ptr, dk_ptr, T, t0, NT, BC: tl.constex
 
 
 @triton.jit
-def _bwd_norms(bh, j, k_ptr, v_ptr, w1_ptr, w2_ptr, p_ptr, n_ptr, T, t0, NT,
-                      BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
-                      ACT: tl.constexpr, RES: tl.constexpr, PREC: tl.constexpr):
-    """Clip only: R2 partials ``|delta1_j|^2``, ``|h1_j|^2`` per token."""
+def _bwd_norms(bh, j, k_ptr, v_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
+               p_ptr, n_ptr, gt_ptr, gs_ptr, T, t0, NT,
+               BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
+               ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr):
+    """Phase 2: the R2 partials ``|delta1_j|^2``, ``|h1_j|^2`` per token (clip only), and the
+    parts of the R5 gate cotangents that go through the state adjoint (per token ``dcl, dml``;
+    per head ``dbl, dgl, del``). Separate from the retrieval phase so that neither needs more
+    shared memory than a block has (Triton 3.6, 4 tiles at W1 shapes)."""
     rc = tl.arange(0, BC)
     rmask = (t0 + rc) < T
     o1, o2 = _tile_offsets(bh, j, D, F, BF)
     k = _rows(k_ptr, bh, T, t0, BC, D)
     v = _rows(v_ptr, bh, T, t0, BC, D)
-    _, _, h1, _, _, delta1 = _bwd_errors(k, v, tl.load(w1_ptr + o1), tl.load(w2_ptr + o2), p_ptr + bh * NT * BC * D,
-                                         rmask, NT, BC, D, ACT, RES, PREC)
-    dst = n_ptr + (bh * NT + j) * 2 * BC
-    tl.store(dst + rc, tl.sum(delta1 * delta1, axis=1))
-    tl.store(dst + BC + rc, tl.sum(h1 * h1, axis=1))
+    w1 = tl.load(w1_ptr + o1)
+    w2 = tl.load(w2_ptr + o2)
+    delta2, _, h1, _, _, delta1 = _bwd_errors(k, v, w1, w2, p_ptr + bh * NT * BC * D, rmask, NT,
+                                              BC, D, ACT, RES, PREC)
+    if CLIP:
+        dst = n_ptr + (bh * NT + j) * 2 * BC
+        tl.store(dst + rc, tl.sum(delta1 * delta1, axis=1))
+        tl.store(dst + BC + rc, tl.sum(h1 * h1, axis=1))
+    aw1 = tl.load(aw1_ptr + o1)
+    as1 = tl.load(as1_ptr + o1)
+    aw2 = tl.load(aw2_ptr + o2)
+    as2 = tl.load(as2_ptr + o2)
+    dcl = -tl.sum(_mm(k, aw1, PREC) * delta1, axis=1) - tl.sum(_mm(h1, aw2, PREC) * delta2, axis=1)
+    dml = -tl.sum(_mm(k, as1, PREC) * delta1, axis=1) - tl.sum(_mm(h1, as2, PREC) * delta2, axis=1)
+    gt = gt_ptr + (bh * NT + j) * 4 * BC
+    tl.store(gt + 2 * BC + rc, dcl)
+    tl.store(gt + 3 * BC + rc, dml)
+    s1 = tl.load(s1_ptr + o1)
+    s2 = tl.load(s2_ptr + o2)
+    gs = gs_ptr + (bh * NT + j) * 4
+    tl.store(gs, tl.sum(tl.sum(aw1 * w1, axis=1), axis=0) + tl.sum(tl.sum(aw2 * w2, axis=1), axis=0))
+    tl.store(gs + 1, tl.sum(tl.sum(aw1 * s1, axis=1), axis=0) + tl.sum(tl.sum(aw2 * s2, axis=1), axis=0))
+    tl.store(gs + 2, tl.sum(tl.sum(as1 * s1, axis=1), axis=0) + tl.sum(tl.sum(as2 * s2, axis=1), axis=0))
 
 
 @triton.jit
 def _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
-                          w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
-                          p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, gs_ptr, dqs_ptr, x1_ptr, da1_ptr,
-                          T, t0, NT, clip,
-                          BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
-                          ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr):
-    """Recompute, then the retrieval backward of the tile: partials of R3 (``x1_j h1_j^T``), R4
-    (``-da1_j delta1_j^T``), R5 (gate cotangents) and R7 (``dq``); stash ``x1_j``, ``da1_j``."""
+                   w1_ptr, s1_ptr, w2_ptr, s2_ptr,
+                   p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, dqs_ptr, x1_ptr, da1_ptr,
+                   T, t0, NT, clip,
+                   BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
+                   ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr):
+    """Phase 3. Recompute, then the retrieval backward of the tile: partials of R3
+    (``x1_j h1_j^T``), R4 (``-da1_j delta1_j^T``), the per-token R5 terms ``dbeta, dg`` and R7
+    (``dq``); stash ``x1_j``, ``da1_j``."""
     rc = tl.arange(0, BC)
     rd = tl.arange(0, D)
     ocd = rc[:, None] * D + rd[None, :]
@@ -396,24 +419,15 @@ def _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
     tcc = (bh * NT + j) * BC * BC + occ
     tl.store(xh_ptr + tcc, _mm(x1, tl.trans(h1), PREC))
     tl.store(dn1_ptr + tcc, -_mm(da1, tl.trans(delta1), PREC))
-    aw1 = tl.load(aw1_ptr + o1)
-    as1 = tl.load(as1_ptr + o1)
-    aw2 = tl.load(aw2_ptr + o2)
-    as2 = tl.load(as2_ptr + o2)
-    dbeta = tl.sum(go * _mm(x1, w2, PREC), axis=1) + tl.sum(da1 * qW1, axis=1)
-    dg = tl.sum(go * _mm(x1, s2, PREC), axis=1) + tl.sum(da1 * qS1, axis=1)
-    dcl = -tl.sum(_mm(k, aw1, PREC) * delta1, axis=1) - tl.sum(_mm(h1, aw2, PREC) * delta2, axis=1)
-    dml = -tl.sum(_mm(k, as1, PREC) * delta1, axis=1) - tl.sum(_mm(h1, as2, PREC) * delta2, axis=1)
+    # the state tiles are loaded again for their last uses (after the stores above), so that their
+    # first shared-memory copies are dead by now: this phase fits a block at 4 tiles (Triton 3.6)
+    dbeta = tl.sum(go * _mm(x1, tl.load(w2_ptr + o2), PREC), axis=1) + tl.sum(da1 * qW1, axis=1)
+    dg = tl.sum(go * _mm(x1, tl.load(s2_ptr + o2), PREC), axis=1) + tl.sum(da1 * qS1, axis=1)
     gt = gt_ptr + (bh * NT + j) * 4 * BC
     tl.store(gt + rc, dbeta)
     tl.store(gt + BC + rc, dg)
-    tl.store(gt + 2 * BC + rc, dcl)
-    tl.store(gt + 3 * BC + rc, dml)
-    gs = gs_ptr + (bh * NT + j) * 4
-    tl.store(gs, tl.sum(tl.sum(aw1 * w1, axis=1), axis=0) + tl.sum(tl.sum(aw2 * w2, axis=1), axis=0))
-    tl.store(gs + 1, tl.sum(tl.sum(aw1 * s1, axis=1), axis=0) + tl.sum(tl.sum(aw2 * s2, axis=1), axis=0))
-    tl.store(gs + 2, tl.sum(tl.sum(as1 * s1, axis=1), axis=0) + tl.sum(tl.sum(as2 * s2, axis=1), axis=0))
-    dq_j = _mm(beta[:, None] * da1, tl.trans(w1), PREC) + _mm(g[:, None] * da1, tl.trans(s1), PREC)
+    dq_j = (_mm(beta[:, None] * da1, tl.trans(tl.load(w1_ptr + o1)), PREC)
+            + _mm(g[:, None] * da1, tl.trans(tl.load(s1_ptr + o1)), PREC))
     tl.store(dqs_ptr + (bh * (NT + 1) + j) * BC * D + ocd, dq_j)
 
 
