@@ -525,7 +525,8 @@ def run_aot_tiled(tiles=(4, 8)) -> int:
     """The same compiler report for the tiled kernels (``ops/triton_tiled_kernels.py``, launch per
     phase) and the persistent ones (``ops/triton_persistent_kernels.py``) at W1 shapes, tile width
     ``4 d / n_tiles``, with the launch options the drivers use (1 stage; 4 warps, 8 for the
-    persistent forward)."""
+    persistent forward, 4 and 8 for the persistent backward). Run it with the GPU machine's Triton
+    (3.6) on the path for figures that hold there: shared memory differs between versions."""
     from titans_memory.ops import triton_persistent_kernels as TP
     from titans_memory.ops import triton_tiled_kernels as TT
 
@@ -542,6 +543,7 @@ def run_aot_tiled(tiles=(4, 8)) -> int:
             (TP._fwd_persistent_kernel, dict(OUT=True, SAVE=True), 8, "persistent fwd (train)"),
             (TP._fwd_persistent_kernel, dict(OUT=False, SAVE=True), 8, "persistent fwd (recompute)"),
             (TP._bwd_kernel, dict(PHASE=0), 4, "persistent bwd"),
+            (TP._bwd_kernel, dict(PHASE=0), 8, "persistent bwd"),
         ):
             consts = {k: v for k, v in dict(base, **extra).items() if k in fn.arg_names}
             ok &= _aot_compile(fn, consts, nw, f"tiled x{n} {label}")

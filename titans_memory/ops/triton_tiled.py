@@ -1,9 +1,13 @@
-"""Drivers of the tiled Triton kernels (:mod:`titans_memory.ops.triton_tiled_kernels`, where the
-launches and their phases are described): :func:`neural_memory_tiled_triton` (inference) and
-:func:`neural_memory_tiled_triton_train` (an autograd function), both depth 2, grid
-``(B * heads, n_tiles)``, one launch per phase per chunk. The specification is
-:mod:`titans_memory.ops.tiled`; the plan is ``docs/kernels.md``. Opt-in as
-``impl="triton_tiled"``; verified under ``TRITON_INTERPRET=1``, not yet run on a GPU.
+"""Drivers of the tiled Triton kernels: :func:`neural_memory_tiled_triton` (inference) and
+:func:`neural_memory_tiled_triton_train` (an autograd function), both depth 2, ``n_tiles``
+programs per head. Two drivers of the same phases: persistent (on CUDA by default: one launch per
+chunk range, the tiles of a head synchronised by barriers,
+:mod:`titans_memory.ops.triton_persistent_kernels`) or one launch per phase per chunk
+(:mod:`titans_memory.ops.triton_tiled_kernels`; the interpreter's path with several tiles). The
+specification is :mod:`titans_memory.ops.tiled`; the plan and the measurements are in
+``docs/kernels.md`` and ``benchmarks/RESULTS.md``. ``impl="triton_tiled"`` of
+:func:`~titans_memory.ops.neural_memory`; ``impl="auto"`` uses the inference function on CUDA.
+Checked on an H200 (``benchmarks/kernels_persistent.py``) and under ``TRITON_INTERPRET=1`` in CI.
 """
 
 from __future__ import annotations
@@ -450,30 +454,32 @@ def neural_memory_tiled_triton_train(
     recompute, backward) warps per program.
 
     The backward (:class:`TiledTritonMemory`) is the hand-written tiled backward of
-    :func:`~titans_memory.ops.tiled.chunk_backward_depth2` as Triton kernels, grid
-    ``(B * heads, n_tiles)``, launches per chunk in reverse (no program waits on another):
+    :func:`~titans_memory.ops.tiled.chunk_backward_depth2` as Triton kernels: five phases per
+    chunk, chunks in reverse (``_bwd_chunk`` of ``triton_persistent_kernels.py``), separated by
+    head barriers (persistent) or by launches:
 
-    1. ``_bwd_keys_kernel``: R1 partials ``P_j = act(k W1_j) W2_j`` (and the previous chunk's
-       ``dq, dk`` rows: the sums R7, R8 of its partials, tile 0 first, program ``j = 0``);
-    2. ``_bwd_norms_kernel`` (clip only): R2 partials;
-    3. ``_bwd_retrieval_kernel``: R1 sum, forward recompute, retrieval backward; partials of R3,
-       R4, R5, R7;
-    4. ``_bwd_coeffs_kernel``: R3, R4, R5 sums; the per-head ``c x c`` coefficient backward
+    1. ``_bwd_keys``: R1 partials ``P_j = act(k W1_j) W2_j``;
+    2. ``_bwd_norms``: R2 partials (clip only) and the gate cotangents through the state adjoint
+       (part of R5);
+    3. ``_bwd_retrieval``: the ``dq, dk`` rows of the chunk after this one (R7, R8 of its
+       partials, tile ``(n + 1) mod n_tiles``); R1 sum, forward recompute, retrieval backward;
+       partials of R3, R4, R5, R7;
+    4. ``_bwd_coeffs``: R3, R4, R5 sums; the per-head ``c x c`` coefficient backward
        (``_coeffs_bwd`` of ``triton_kernels.py``, in Triton; every tile computes it again rather
        than waiting on a broadcast) and the clip backward; ``d delta1_j``; R6 partials;
-    5. ``_bwd_state_kernel``: R6 sum; ``dv``; ``dz1_j``; R8 partials; the adjoint of the tile's
-       slice of the chunk-start state (in place).
+    5. ``_bwd_state``: R6 sum; ``dv``; ``dz1_j``; R8 partials; the adjoint of the tile's slice of
+       the chunk-start state (in place).
 
-    Every cross-tile sum is a later launch reading per-tile partials from scratch, so results
-    are deterministic. No PyTorch compute runs between launches (only buffer copies for the
+    Every cross-tile sum reads per-tile partials from scratch in a fixed order, so results are
+    deterministic (bitwise-equal repeats on the GPU check). No PyTorch compute runs between launches (only buffer copies for the
     checkpoints). Each launch recomputes the tile-local forward it needs from the chunk-start
     state (``z1_j, h1_j, delta1_j``; ``x1_j, da1_j, d delta1_j`` are stashed per tile instead).
     State memory: ``ceil(n_chunks / K) + K + 1`` states (checkpoints, one segment of recomputed
     chunk-start states) plus the adjoint, i.e. ``O(sqrt(T))`` by default.
 
-    Tested only under ``TRITON_INTERPRET=1`` on the CPU against autograd through
-    :func:`~titans_memory.ops.chunked.neural_memory_chunked` in fp64: it has NOT run on a GPU
-    (compilation for sm_90, shared memory and speed are unknown).
+    Tested under ``TRITON_INTERPRET=1`` on the CPU against autograd through
+    :func:`~titans_memory.ops.chunked.neural_memory_chunked` in fp64 (launch per phase with 1-4
+    tiles, persistent with 1), and on an H200 by ``benchmarks/kernels_persistent.py``.
     """
     W, S = _validated(q, weights, momentum, spec, chunk_size, n_tiles, precision, "neural_memory_tiled_triton_train")
     B, H, T, d = q.shape
@@ -482,6 +488,13 @@ def neural_memory_tiled_triton_train(
     if T == 0:
         return q.new_zeros(q.shape), [w.clone() for w in W], [s.clone() for s in S]
     f32 = torch.float32
+    if q.is_cuda and (precision == "bf16" or num_warps[1] > 8):
+        # both stopped with "CUDA error: an illegal memory access" on an H200 with Triton 3.6
+        # (2026-12-01, benchmarks/RESULTS.md), which leaves the CUDA context unusable
+        raise ConfigError(
+            f"neural_memory_tiled_triton_train on CUDA does not cover precision={precision!r} with "
+            f"{num_warps[1]} backward warps: bf16 operands and more than 8 warps in the tiled backward "
+            "failed on the GPU; use precision='tf32' (the default) and at most 8 warps")
     if bwd_tiles is not None:
         reason = tiled_triton_unsupported_reason(q, W, spec, chunk_size, bwd_tiles)
         if reason is not None:

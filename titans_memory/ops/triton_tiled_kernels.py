@@ -8,22 +8,23 @@ launches. Each launch has the grid ``(B * heads, n_tiles)``; program ``(bh, j)``
 units ``cols_j`` of one head, i.e. ``W1[:, cols_j], S1[:, cols_j]`` and ``W2[cols_j, :],
 S2[cols_j, :]`` (fp32, in global memory, updated in place), and never waits for another program.
 It is the CI path (it runs under ``TRITON_INTERPRET=1``, which runs programs one after another)
-and the fallback of the planned persistent kernel with a per-head barrier, which would call the
-same phase functions.
+and the fallback of the persistent kernels (:mod:`titans_memory.ops.triton_persistent_kernels`),
+which call the same phase functions between per-head barriers.
 
 Two entry points: :func:`neural_memory_tiled_triton` (inference: ``torch.no_grad``, no autograd
 graph) and :func:`neural_memory_tiled_triton_train` (training: an autograd function whose backward
 is step 3 of the plan, the hand-written tiled backward of :mod:`titans_memory.ops.tiled` as Triton
-kernels, launch per phase, described in its docstring). Neither has run on a GPU yet.
+kernels, described in its docstring).
 
 Scope of both: memory depth 2 (``d -> H -> d``) with ``spec.norm`` off; activations silu, gelu,
 relu, identity; residual on or off; update clip on or off. Requirements (``tl.dot`` needs every
 dimension >= 16 on a GPU, and ``tl.arange`` powers of two): head dim ``d``, tile width ``H /
 n_tiles`` and ``chunk_size`` are powers of two >= 16, and ``n_tiles`` divides ``H``. Anything else
 raises :class:`~titans_memory.errors.ConfigError`. Inputs of any float dtype are computed in fp32
-(matmuls with tf32 tensor-core operands by default, ``precision="ieee"`` for fp32 FMA) and returned in the dtype of ``q`` (output) and of the given
-weights / momentum (state) by the inference function, in fp32 by the training one. Not dispatched by
-:func:`~titans_memory.ops.neural_memory`; its speed has not been measured yet.
+(matmuls with tf32 tensor-core operands by default, ``precision="ieee"`` for fp32 FMA,
+``"bf16"`` for bf16 operands with fp32 accumulation) and returned in the dtype of ``q`` (output)
+and of the given weights / momentum (state) by the inference function, in fp32 by the training
+one.
 
 Forward launches per chunk ``n`` (``P``: per-tile partial MLP outputs on the keys, double-buffered by
 chunk parity; ``Z``: the tile's ``z1 = k W1_j``; ``O``: per-tile partial retrievals,
