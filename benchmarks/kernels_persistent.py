@@ -43,31 +43,34 @@ from titans_memory.ops.triton_tiled import (  # noqa: E402
 )
 
 SPEC = MemoryMLPSpec("silu", residual=True)
-# (n_tiles, clip, precision, persistent)
-# (n_tiles, clip, precision, persistent[, bwd_tiles, bwd_warps (default n_tiles, 4)])
+# (n_tiles, clip, precision, persistent[, bwd_tiles, bwd_warps, stash]; defaults n_tiles, 4, False).
 # bf16 operands are left out: on the H200 (Triton 3.6) the persistent backward with bf16 operands
 # stopped with an illegal memory access (2026-12-01), and that poisons the CUDA context of the run.
-CHECKED = [(4, 1.0, "tf32", True, 4, 8), (4, None, "tf32", True, 4, 8), (4, 1.0, "tf32", True, 8, 8)]
-TIMED = [(4, 1.0, "tf32", True, 4, 8), (4, 1.0, "tf32", True, 8, 8)]
+CHECKED = [(4, 1.0, "tf32", True, 4, 8), (4, None, "tf32", True, 4, 8), (4, 1.0, "tf32", True, 8, 8),
+           (4, 1.0, "tf32", True, 4, 8, True), (4, 1.0, "tf32", True, 8, 8, True)]
+TIMED = [(4, 1.0, "tf32", True, 4, 8), (4, 1.0, "tf32", True, 8, 8), (4, 1.0, "tf32", True, 4, 8, True),
+         (4, 1.0, "tf32", True, 8, 8, True)]
 # (head_dim, expansion, chunk) of the inference check (impl="auto" uses the persistent forward there)
 INFERENCE_SHAPES = [(64, 4, 64), (64, 2, 64), (32, 2, 32), (32, 4, 32), (16, 4, 16)]
 
 
 def _label(v) -> str:
-    n, clip, prec, pers, bt, bw = _full(v)
+    n, clip, prec, pers, bt, bw, st = _full(v)
     bwd = f", bwd x{bt} {bw} warps" if (bt, bw) != (n, 4) else ""
-    return f"x{n} clip {clip} {prec} {'persistent' if pers else 'launch/phase'}{bwd}"
+    return f"x{n} clip {clip} {prec} {'persistent' if pers else 'launch/phase'}{bwd}{', stash' if st else ''}"
 
 
 def _full(v):
-    """(n_tiles, clip, precision, persistent[, bwd_tiles, bwd_warps]) with the defaults filled in."""
+    """(n_tiles, clip, precision, persistent[, bwd_tiles, bwd_warps, stash]) with the defaults
+    filled in."""
     n, clip, prec, pers = v[:4]
-    return n, clip, prec, pers, (v[4] if len(v) > 4 else n), (v[5] if len(v) > 5 else 4)
+    return (n, clip, prec, pers, (v[4] if len(v) > 4 else n), (v[5] if len(v) > 5 else 4),
+            bool(v[6]) if len(v) > 6 else False)
 
 
 def _run_variant(v, T, Bq=B, H=HEADS, seed=0, train=True):
     """One call of a variant at W1 head shapes; returns (outputs, grads or None)."""
-    n, clip, prec, pers, bt, bw = _full(v)
+    n, clip, prec, pers, bt, bw, st = _full(v)
     args, W, S = _inputs(Bq, H, T, HEAD_DIM, 2, 4, torch.device("cuda"), seed=seed)
     x = [t.float().requires_grad_(train) for t in args + W + S]
     if not train:
@@ -77,7 +80,7 @@ def _run_variant(v, T, Bq=B, H=HEADS, seed=0, train=True):
         return [o, *Wt, *St], None
     o, Wt, St = neural_memory_tiled_triton_train(*x[:6], x[6:8], x[8:], SPEC, CHUNK, clip, n_tiles=n,
                                                  precision=prec, persistent=pers, check=True, bwd_tiles=bt,
-                                                 num_warps=(8, bw))
+                                                 num_warps=(8, bw), stash=st)
     outs = [o, *Wt, *St]
     g = torch.Generator(device="cpu").manual_seed(99)
     cots = [torch.randn(t.shape, generator=g).cuda() for t in outs]
@@ -108,7 +111,7 @@ def check(variants, T=1008) -> bool:
     args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, torch.device("cuda"), seed=0)
     refs = {}
     for v in variants:
-        n, clip, prec, pers, _, _ = _full(v)
+        n, clip, prec, pers, _, _, _ = _full(v)
         t0 = time.perf_counter()
         try:
             if clip not in refs:  # the fp64 reference: outputs and gradients (same cotangents as _run_variant)
@@ -222,10 +225,10 @@ def timing(variants, lengths) -> list:
                 fwd = lambda: neural_memory_triton(*x[:6], x[6:8], x[8:], SPEC, CHUNK, 1.0)[0]  # noqa: E731
                 inf = fwd
             else:
-                n, clip, prec, pers, bt, bw = _full(v)
-                fwd = lambda n=n, c=clip, p=prec, q=pers, bt=bt, bw=bw: neural_memory_tiled_triton_train(  # noqa: E731
+                n, clip, prec, pers, bt, bw, st = _full(v)
+                fwd = lambda n=n, c=clip, p=prec, q=pers, bt=bt, bw=bw, st=st: neural_memory_tiled_triton_train(  # noqa: E731
                     *x[:6], x[6:8], x[8:], SPEC, CHUNK, c, n_tiles=n, precision=p, persistent=q, bwd_tiles=bt,
-                    num_warps=(8, bw))[0]
+                    num_warps=(8, bw), stash=st)[0]
                 inf = lambda n=n, c=clip, p=prec, q=pers: neural_memory_tiled_triton(  # noqa: E731
                     *x[:6], x[6:8], x[8:], SPEC, CHUNK, c, n_tiles=n, precision=p, persistent=q)[0]
             try:

@@ -120,24 +120,28 @@ def test_persistent_refuses_several_tiles_under_the_interpreter():
         neural_memory_tiled_triton(*gates, W, S, MemoryMLPSpec(), CHUNK, None, n_tiles=2, persistent=True)
 
 
-TRAIN_CASES = [(n, clip, MemoryMLPSpec("silu", True), False) for n in (1, 2, 4) for clip in (None, 0.05)]
-TRAIN_CASES.append((2, 0.05, MemoryMLPSpec("gelu", False), False))
+TRAIN_CASES = [(n, clip, MemoryMLPSpec("silu", True), False, False) for n in (1, 2, 4) for clip in (None, 0.05)]
+TRAIN_CASES.append((2, 0.05, MemoryMLPSpec("gelu", False), False, False))
 # the persistent kernels (forward, segment recompute, backward walk with barriers), one tile
-TRAIN_CASES += [(1, clip, MemoryMLPSpec("silu", True), True) for clip in (None, 0.05)]
-TRAIN_CASES.append((1, 0.05, MemoryMLPSpec("gelu", False), True))
+TRAIN_CASES += [(1, clip, MemoryMLPSpec("silu", True), True, False) for clip in (None, 0.05)]
+TRAIN_CASES.append((1, 0.05, MemoryMLPSpec("gelu", False), True, False))
+# the backward reading z1, u, delta2 back from phase 2's stash instead of recomputing them
+TRAIN_CASES += [(4, 0.05, MemoryMLPSpec("silu", True), False, True), (2, None, MemoryMLPSpec("gelu", False), False, True),
+                (1, None, MemoryMLPSpec("silu", True), True, True), (1, 0.05, MemoryMLPSpec("silu", True), True, True)]
 
 
-@pytest.mark.parametrize("n_tiles,clip,spec,persistent", TRAIN_CASES,
-                         ids=[f"{s.activation}-res{int(s.residual)}-x{n}-clip{c}{'-persistent' * p}"
-                              for n, c, s, p in TRAIN_CASES])
-def test_tiled_triton_train_gradients_equal_chunked(n_tiles, clip, spec, persistent):
-    torch.manual_seed(1000 + 100 * n_tiles + 10 * (clip is not None) + spec.residual + 5 * persistent)
+@pytest.mark.parametrize("n_tiles,clip,spec,persistent,stash", TRAIN_CASES,
+                         ids=[f"{s.activation}-res{int(s.residual)}-x{n}-clip{c}{'-persistent' * p}{'-stash' * st}"
+                              for n, c, s, p, st in TRAIN_CASES])
+def test_tiled_triton_train_gradients_equal_chunked(n_tiles, clip, spec, persistent, stash):
+    torch.manual_seed(1000 + 100 * n_tiles + 10 * (clip is not None) + spec.residual + 5 * persistent + 3 * stash)
     B = 1 if n_tiles == 2 else 2  # 3 chunks, segments of 2 (checkpoint recompute) and 1
     gates, W, S = make_inputs(B=B)
     inputs = [*gates, *W, *S]
     leaves = [t.clone().requires_grad_(True) for t in inputs]
     o, W_T, S_T = neural_memory_tiled_triton_train(*leaves[:6], leaves[6:8], leaves[8:], spec, CHUNK, clip,
-                                                   n_tiles=n_tiles, persistent=persistent, check=persistent)
+                                                   n_tiles=n_tiles, persistent=persistent, check=persistent,
+                                                   stash=stash)
     outs = [o, *W_T, *S_T]
     cots = [torch.randn_like(t) for t in outs]
     grads = torch.autograd.grad(sum((t * c).sum() for t, c in zip(outs, cots)), leaves)

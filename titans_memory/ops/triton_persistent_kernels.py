@@ -191,11 +191,11 @@ def _bwd_chunk(bh, j, n, nb,
                q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dq_ptr, dk_ptr, dv_ptr,
                dth_ptr, det_ptr, dal_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
                p_ptr, dqs_ptr, dks_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, gs_ptr, dd2_ptr, hd_ptr,
-               x1_ptr, da1_ptr, ddl1_ptr, cnt_ptr, err_ptr,
+               x1_ptr, da1_ptr, ddl1_ptr, zs_ptr, us_ptr, d2s_ptr, cnt_ptr, err_ptr,
                T, n_chunks, NT, clip, p_stride, qk_stride,
                BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
                ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-               MASK: tl.constexpr, SYNC: tl.constexpr):
+               MASK: tl.constexpr, SYNC: tl.constexpr, STASH: tl.constexpr):
     """The backward phases of chunk ``n`` selected by the bit mask ``MASK`` (1 keys, 2 norms and
     adjoint gate terms, 4 retrieval, 8 coefficients, 16 state), with a head barrier after each
     that another tile's later phase depends on when ``SYNC`` (3 per chunk, 4 with the clip). ``w1 ..``
@@ -211,10 +211,13 @@ def _bwd_chunk(bh, j, n, nb,
         nb = _head_sync(cnt_ptr + bh, err_ptr, nb, NT)
     if MASK & 2:
         _bwd_norms(bh, j, k_ptr, v_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
-                   p_s, n_ptr, gt_ptr, gs_ptr, T, t0, NT, BC, D, F, BF, ACT, RES, CLIP, PREC)
+                   p_s, n_ptr, gt_ptr, gs_ptr, zs_ptr, us_ptr, d2s_ptr, T, t0, NT, BC, D, F, BF, ACT, RES,
+                   CLIP, PREC, STASH)
     if CLIP:  # R2 (without the clip, phases 2 and 3 are both tile-local: no barrier between them)
         if SYNC:
             nb = _head_sync(cnt_ptr + bh, err_ptr, nb, NT)
+    elif STASH:  # the stash is written and read by different threads of this program
+        tl.debug_barrier()
     if MASK & 4:
         if n + 1 < n_chunks:  # R7 / R8 of the chunk after this one (its partials are complete)
             if j == (n + 1) % NT:
@@ -222,22 +225,23 @@ def _bwd_chunk(bh, j, n, nb,
                 _bwd_rows(dqs_ptr + other, dks_ptr + other, dq_ptr, dk_ptr, bh, T, t0 + BC, NT, BC, D)
         _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
                        w1_ptr, s1_ptr, w2_ptr, s2_ptr,
-                       p_s, n_ptr, xh_ptr, dn1_ptr, gt_ptr, dqs, x1_ptr, da1_ptr,
-                       T, t0, NT, clip, BC, D, F, BF, ACT, RES, CLIP, PREC)
+                       p_s, n_ptr, xh_ptr, dn1_ptr, gt_ptr, dqs, x1_ptr, da1_ptr, zs_ptr, us_ptr, d2s_ptr,
+                       T, t0, NT, clip, BC, D, F, BF, ACT, RES, CLIP, PREC, STASH)
     if SYNC:
         nb = _head_sync(cnt_ptr + bh, err_ptr, nb, NT)
     if MASK & 8:
         _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
                     w1_ptr, w2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
                     p_s, n_ptr, xh_ptr, dn1_ptr, gt_ptr, gs_ptr, dqs, da1_ptr, ddl1_ptr, dd2_ptr, hd_ptr,
-                    dth_ptr, det_ptr, dal_ptr, T, t0, NT, clip, BC, D, F, BF, ACT, RES, CLIP, PREC)
+                    dth_ptr, det_ptr, dal_ptr, zs_ptr, us_ptr, d2s_ptr, T, t0, NT, clip, BC, D, F, BF, ACT, RES,
+                    CLIP, PREC, STASH)
     if SYNC:
         nb = _head_sync(cnt_ptr + bh, err_ptr, nb, NT)
     if MASK & 16:
         _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_ptr,
                    w1_ptr, w2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
                    p_s, n_ptr, xh_ptr, dn1_ptr, dd2_ptr, hd_ptr, dks, x1_ptr, da1_ptr, ddl1_ptr,
-                   T, t0, NT, clip, BC, D, F, BF, ACT, RES, CLIP, PREC)
+                   zs_ptr, us_ptr, d2s_ptr, T, t0, NT, clip, BC, D, F, BF, ACT, RES, CLIP, PREC, STASH)
     return nb
 
 
@@ -245,11 +249,11 @@ def _bwd_chunk(bh, j, n, nb,
 def _bwd_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dq_ptr, dk_ptr, dv_ptr,
                 dth_ptr, det_ptr, dal_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
                 p_ptr, dqs_ptr, dks_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, gs_ptr, dd2_ptr, hd_ptr,
-                x1_ptr, da1_ptr, ddl1_ptr, cnt_ptr, err_ptr,
+                x1_ptr, da1_ptr, ddl1_ptr, zs_ptr, us_ptr, d2s_ptr, cnt_ptr, err_ptr,
                 BH, T, c0, nc, n_chunks, n_hp, NT, clip, p_stride, qk_stride,
                 BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
                 ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-                PHASE: tl.constexpr):
+                PHASE: tl.constexpr, STASH: tl.constexpr = False):
     """``PHASE = 0``: persistent, grid ``(NT, n_hp)``, chunks ``c0 + nc - 1 .. c0`` in reverse, the
     start state of chunk ``n`` in slot ``n - c0`` of ``w1 ..`` (slot stride ``BH D F``).
     ``PHASE = 1..5``: grid ``(NT, BH)``, that phase of chunk ``c0`` alone (state in slot 0)."""
@@ -268,13 +272,13 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dq_ptr, dk_
                                 w1_ptr + off, s1_ptr + off, w2_ptr + off, s2_ptr + off,
                                 aw1_ptr, as1_ptr, aw2_ptr, as2_ptr, p_ptr, dqs_ptr, dks_ptr, n_ptr, xh_ptr,
                                 dn1_ptr, gt_ptr, gs_ptr, dd2_ptr, hd_ptr, x1_ptr, da1_ptr, ddl1_ptr,
-                                cnt_ptr, err_ptr, T, n_chunks, NT, clip, p_stride, qk_stride,
-                                BC, D, F, BF, ACT, RES, CLIP, PREC, 31, True)
+                                zs_ptr, us_ptr, d2s_ptr, cnt_ptr, err_ptr, T, n_chunks, NT, clip, p_stride,
+                                qk_stride, BC, D, F, BF, ACT, RES, CLIP, PREC, 31, True, STASH)
     else:
         bh = tl.program_id(1).to(tl.int64)
         _bwd_chunk(bh, j, c0, 0, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
                    dq_ptr, dk_ptr, dv_ptr, dth_ptr, det_ptr, dal_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr,
                    aw1_ptr, as1_ptr, aw2_ptr, as2_ptr, p_ptr, dqs_ptr, dks_ptr, n_ptr, xh_ptr,
                    dn1_ptr, gt_ptr, gs_ptr, dd2_ptr, hd_ptr, x1_ptr, da1_ptr, ddl1_ptr,
-                   cnt_ptr, err_ptr, T, n_chunks, NT, clip, p_stride, qk_stride,
-                   BC, D, F, BF, ACT, RES, CLIP, PREC, 1 << (PHASE - 1), False)
+                   zs_ptr, us_ptr, d2s_ptr, cnt_ptr, err_ptr, T, n_chunks, NT, clip, p_stride, qk_stride,
+                   BC, D, F, BF, ACT, RES, CLIP, PREC, 1 << (PHASE - 1), False, STASH)

@@ -272,7 +272,7 @@ class _TrainCfg:
     """Static configuration of one training call (flat shapes, tiling, segments, driver)."""
 
     def __init__(self, BH, T, d, hid, spec, chunk, n_tiles, max_update_norm, segment_chunks, prec=PREC,
-                 persistent=False, check=False, bwd_tiles=None, num_warps=(8, 4)):
+                 persistent=False, check=False, bwd_tiles=None, num_warps=(8, 4), stash=False):
         self.BH, self.T, self.d, self.hid = BH, T, d, hid
         self.prec = prec
         self.spec = spec
@@ -281,6 +281,7 @@ class _TrainCfg:
         self.BC, self.NT = chunk, bwd_tiles or n_tiles
         self.BF = hid // self.NT
         self.fwd_warps, self.bwd_warps = num_warps
+        self.stash = stash
         self.n_chunks = -(-T // chunk)
         self.K = segment_chunks or max(1, math.ceil(math.sqrt(self.n_chunks)))
         self.n_seg = -(-self.n_chunks // self.K)
@@ -303,6 +304,8 @@ def _backward_scratch(cfg: _TrainCfg, dev) -> dict:
                   GT=(BH, NT, 4, BC), GS=(BH, NT, 4), DD2=(BH, NT, BC, d), DQ=(2, BH, NT + 1, BC, d),
                   DK=(2, BH, NT + 1, BC, d), X1=(BH, NT, BC, BF), DA1=(BH, NT, BC, BF), DDL1=(BH, NT, BC, BF),
                   HD=(BH, BC))
+    if cfg.stash:  # z1_j, u_j, delta2 of the current chunk, written in phase 2 (_bwd_fetch)
+        shapes.update(ZS=(BH, NT, BC, BF), US=(BH, NT, BC, BF), D2S=(BH, NT, BC, d))
     return {name: torch.zeros(shape, device=dev, dtype=f32) for name, shape in shapes.items()}
 
 
@@ -318,10 +321,11 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
     args = lambda st, n0, n: (
         *xs, *gates, go, dq, dk, dv, dth, det, dal, *st, *adj,
         scr["P"], scr["DQ"], scr["DK"], scr["N"], scr["XH"], scr["DN1"], scr["GT"], scr["GS"], scr["DD2"],
-        scr["HD"], scr["X1"], scr["DA1"], scr["DDL1"], cnt, err,
+        scr["HD"], scr["X1"], scr["DA1"], scr["DDL1"],
+        *((scr["ZS"], scr["US"], scr["D2S"]) if cfg.stash else (scr["X1"],) * 3), cnt, err,
         BH, cfg.T, n0, n, cfg.n_chunks, n_hp, NT, cfg.clip, scr["P"][0].numel(), scr["DQ"][0].numel())
     meta = dict(BC=cfg.BC, D=cfg.d, F=cfg.hid, BF=cfg.BF, ACT=cfg.spec.activation, RES=bool(cfg.spec.residual),
-                CLIP=cfg.CLIP, PREC=cfg.prec, num_warps=cfg.bwd_warps, num_stages=1)
+                CLIP=cfg.CLIP, PREC=cfg.prec, STASH=cfg.stash, num_warps=cfg.bwd_warps, num_stages=1)
     if cfg.persistent:
         n_hp = head_programs(BH, NT, dev)
         cnt = torch.zeros(BH, device=dev, dtype=torch.int32)
@@ -439,6 +443,7 @@ def neural_memory_tiled_triton_train(
     check: bool = False,
     bwd_tiles: Optional[int] = None,
     num_warps: Tuple[int, int] = (8, 4),
+    stash: bool = False,
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """Differentiable twin of :func:`neural_memory_tiled_triton` (depth 2, same coverage and
     requirements, same result): gradients flow to ``q, k, v, theta, eta, alpha``, ``weights`` and
@@ -451,7 +456,9 @@ def neural_memory_tiled_triton_train(
     :func:`neural_memory_tiled_triton`. ``bwd_tiles``: tiles per head of the backward (its
     recompute and walk; default ``n_tiles``: the backward holds about twice the live tensors per
     tile, so narrower tiles can fit where the forward's do not). ``num_warps``: (forward and
-    recompute, backward) warps per program.
+    recompute, backward) warps per program. ``stash``: the backward's phase 2 stores each
+    tile's ``z1, u, delta2`` for phases 3-5 instead of their recomputing them (two matmuls, the R1
+    sum and two state loads fewer per phase; not yet timed on a GPU).
 
     The backward (:class:`TiledTritonMemory`) is the hand-written tiled backward of
     :func:`~titans_memory.ops.tiled.chunk_backward_depth2` as Triton kernels: five phases per
@@ -501,7 +508,7 @@ def neural_memory_tiled_triton_train(
             raise ConfigError(f"bwd_tiles: neural_memory_tiled_triton_train does not cover {reason}")
     persistent = resolve_persistent(persistent, max(n_tiles, bwd_tiles or 1), q.device)
     cfg = _TrainCfg(BH, T, d, hid, spec, chunk_size, n_tiles, max_update_norm, segment_chunks, precision,
-                    persistent=persistent, check=check, bwd_tiles=bwd_tiles, num_warps=num_warps)
+                    persistent=persistent, check=check, bwd_tiles=bwd_tiles, num_warps=num_warps, stash=stash)
     xs = [t.reshape(BH, T, d).to(f32).contiguous() for t in (q, k, v)]
     gates = [t.reshape(BH, T).to(f32).contiguous() for t in (theta, eta, alpha)]
     st = [t.reshape(BH, *t.shape[2:]).to(f32).contiguous() for t in (W[0], S[0], W[1], S[1])]

@@ -285,6 +285,26 @@ def _bwd_errors(k, v, w1, w2, p_head, rmask, NT, BC: tl.constexpr, D: tl.constex
 
 
 @triton.jit
+def _bwd_fetch(k, v, w1, w2, p_head, zs_ptr, us_ptr, d2s_ptr, bh, j, rmask, NT, BC: tl.constexpr, D: tl.constexpr,
+               BF: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr, PREC: tl.constexpr, STASH: tl.constexpr):
+    """What :func:`_bwd_errors` returns, recomputed (``STASH=False``) or read back from the tile's
+    stash (``z1_j``, ``u_j`` ``[BH, NT, BC, BF]``, ``delta2`` ``[BH, NT, BC, D]``) that phase 2 wrote
+    for this chunk (``STASH=True``: no matmul, no reduction, no state load)."""
+    if STASH:
+        ts = _tile_scratch(bh, j, NT, BC, BF)
+        rc = tl.arange(0, BC)
+        z1 = tl.load(zs_ptr + ts)
+        u = tl.load(us_ptr + ts)
+        delta2 = tl.load(d2s_ptr + (bh * NT + j) * BC * D + rc[:, None] * D + tl.arange(0, D)[None, :])
+        h1 = _act(z1, ACT)
+        sd1 = _act_d(z1, ACT)
+        delta1 = u * sd1
+    else:
+        delta2, z1, h1, sd1, u, delta1 = _bwd_errors(k, v, w1, w2, p_head, rmask, NT, BC, D, ACT, RES, PREC)
+    return delta2, z1, h1, sd1, u, delta1
+
+
+@triton.jit
 def _bwd_clip(k, delta2, th, n_head, NT, clip, BC: tl.constexpr, CLIP: tl.constexpr):
     """R2 and the clipped step ``theta' = theta s``. Returns ``(theta', |G|, ratio, |k|^2,
     sum_j |delta1_j|^2, sum_j |h1_j|^2, |delta2|^2)`` per token (dummies without the clip)."""
@@ -343,13 +363,15 @@ def _bwd_rows_kernel(dqs_ptr, dks_ptr, dq_ptr, dk_ptr, T, t0, NT, BC: tl.constex
 
 @triton.jit
 def _bwd_norms(bh, j, k_ptr, v_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
-               p_ptr, n_ptr, gt_ptr, gs_ptr, T, t0, NT,
+               p_ptr, n_ptr, gt_ptr, gs_ptr, zs_ptr, us_ptr, d2s_ptr, T, t0, NT,
                BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
-               ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr):
+               ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+               STASH: tl.constexpr):
     """Phase 2: the R2 partials ``|delta1_j|^2``, ``|h1_j|^2`` per token (clip only), and the
     parts of the R5 gate cotangents that go through the state adjoint (per token ``dcl, dml``;
     per head ``dbl, dgl, del``). Separate from the retrieval phase so that neither needs more
-    shared memory than a block has (Triton 3.6, 4 tiles at W1 shapes)."""
+    shared memory than a block has (Triton 3.6, 4 tiles at W1 shapes). ``STASH``: also store the
+    tile's ``z1_j, u_j, delta2`` for the later phases of this chunk (:func:`_bwd_fetch`)."""
     rc = tl.arange(0, BC)
     rmask = (t0 + rc) < T
     o1, o2 = _tile_offsets(bh, j, D, F, BF)
@@ -357,8 +379,13 @@ def _bwd_norms(bh, j, k_ptr, v_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1
     v = _rows(v_ptr, bh, T, t0, BC, D)
     w1 = tl.load(w1_ptr + o1)
     w2 = tl.load(w2_ptr + o2)
-    delta2, _, h1, _, _, delta1 = _bwd_errors(k, v, w1, w2, p_ptr + bh * NT * BC * D, rmask, NT,
-                                              BC, D, ACT, RES, PREC)
+    delta2, z1, h1, _, u, delta1 = _bwd_errors(k, v, w1, w2, p_ptr + bh * NT * BC * D, rmask, NT,
+                                               BC, D, ACT, RES, PREC)
+    if STASH:
+        ts = _tile_scratch(bh, j, NT, BC, BF)
+        tl.store(zs_ptr + ts, z1)
+        tl.store(us_ptr + ts, u)
+        tl.store(d2s_ptr + (bh * NT + j) * BC * D + rc[:, None] * D + tl.arange(0, D)[None, :], delta2)
     if CLIP:
         dst = n_ptr + (bh * NT + j) * 2 * BC
         tl.store(dst + rc, tl.sum(delta1 * delta1, axis=1))
@@ -383,10 +410,11 @@ def _bwd_norms(bh, j, k_ptr, v_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1
 @triton.jit
 def _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
                    w1_ptr, s1_ptr, w2_ptr, s2_ptr,
-                   p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, dqs_ptr, x1_ptr, da1_ptr,
+                   p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, dqs_ptr, x1_ptr, da1_ptr, zs_ptr, us_ptr, d2s_ptr,
                    T, t0, NT, clip,
                    BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
-                   ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr):
+                   ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+                   STASH: tl.constexpr):
     """Phase 3. Recompute, then the retrieval backward of the tile: partials of R3
     (``x1_j h1_j^T``), R4 (``-da1_j delta1_j^T``), the per-token R5 terms ``dbeta, dg`` and R7
     (``dq``); stash ``x1_j``, ``da1_j``."""
@@ -402,8 +430,8 @@ def _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
     s1 = tl.load(s1_ptr + o1)
     w2 = tl.load(w2_ptr + o2)
     s2 = tl.load(s2_ptr + o2)
-    delta2, z1, h1, sd1, u, delta1 = _bwd_errors(k, v, w1, w2, p_ptr + bh * NT * BC * D, rmask, NT,
-                                                 BC, D, ACT, RES, PREC)
+    delta2, z1, h1, sd1, u, delta1 = _bwd_fetch(k, v, w1, w2, p_ptr + bh * NT * BC * D, zs_ptr, us_ptr, d2s_ptr,
+                                                bh, j, rmask, NT, BC, D, BF, ACT, RES, PREC, STASH)
     thc, _, _, _, _, _, _ = _bwd_clip(k, delta2, th, n_ptr + bh * NT * 2 * BC, NT, clip, BC, CLIP)
     A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(thc, et, al, valid, BC)
     qW1 = _mm(q, w1, PREC)
@@ -436,10 +464,11 @@ def _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
 def _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
                        w1_ptr, w2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
                        p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, gs_ptr, dqs_ptr, da1_ptr, ddl1_ptr, dd2_ptr, hd_ptr,
-                       dth_ptr, det_ptr, dal_ptr,
+                       dth_ptr, det_ptr, dal_ptr, zs_ptr, us_ptr, d2s_ptr,
                        T, t0, NT, clip,
                        BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
-                       ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr):
+                       ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+                       STASH: tl.constexpr):
     """Sums R3, R4, R5; every program runs the per-head coefficient backward (``_coeffs_bwd``) and
     the clip backward (program 0 writes ``dtheta, deta, dalpha``, the per-head ``dq`` term and
     ``d n^2``); then the tile's ``d delta1_j`` (stashed) and its R6 partial of ``d delta2``."""
@@ -452,8 +481,9 @@ def _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
     go = tl.load(go_ptr + xoff, mask=rmask[:, None], other=0.0)
     o1, o2 = _tile_offsets(bh, j, D, F, BF)
     w2 = tl.load(w2_ptr + o2)
-    delta2, z1, h1, sd1, u, delta1 = _bwd_errors(k, v, tl.load(w1_ptr + o1), w2, p_ptr + bh * NT * BC * D,
-                                                 rmask, NT, BC, D, ACT, RES, PREC)
+    delta2, z1, h1, sd1, u, delta1 = _bwd_fetch(k, v, tl.load(w1_ptr + o1), w2, p_ptr + bh * NT * BC * D,
+                                                zs_ptr, us_ptr, d2s_ptr, bh, j, rmask, NT, BC, D, BF, ACT, RES,
+                                                PREC, STASH)
     thc, nrm, r, kk, dd1, hh, dd2 = _bwd_clip(k, delta2, th, n_ptr + bh * NT * 2 * BC, NT, clip, BC, CLIP)
     A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(thc, et, al, valid, BC)
     XH = _sum_tiles(xh_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R3
@@ -501,9 +531,10 @@ def _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
 def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_ptr,
                       w1_ptr, w2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
                       p_ptr, n_ptr, xh_ptr, dn1_ptr, dd2_ptr, hd_ptr, dks_ptr, x1_ptr, da1_ptr, ddl1_ptr,
-                      T, t0, NT, clip,
+                      zs_ptr, us_ptr, d2s_ptr, T, t0, NT, clip,
                       BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
-                      ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr):
+                      ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+                      STASH: tl.constexpr):
     """Sums R6 (``d delta2``; program 0 writes ``dv`` and the per-head ``dk`` term), then the tile's
     ``dz1``, its R8 partial of ``dk``, and the adjoint of its slice of the chunk-start state,
     written in place over the adjoint of the state after the chunk."""
@@ -517,8 +548,8 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
     o1, o2 = _tile_offsets(bh, j, D, F, BF)
     w1 = tl.load(w1_ptr + o1)
     w2 = tl.load(w2_ptr + o2)
-    delta2, z1, h1, sd1, u, delta1 = _bwd_errors(k, v, w1, w2, p_ptr + bh * NT * BC * D, rmask, NT,
-                                                 BC, D, ACT, RES, PREC)
+    delta2, z1, h1, sd1, u, delta1 = _bwd_fetch(k, v, w1, w2, p_ptr + bh * NT * BC * D, zs_ptr, us_ptr, d2s_ptr,
+                                                bh, j, rmask, NT, BC, D, BF, ACT, RES, PREC, STASH)
     thc, _, _, kk, dd1, hh, dd2 = _bwd_clip(k, delta2, th, n_ptr + bh * NT * 2 * BC, NT, clip, BC, CLIP)
     A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(thc, et, al, valid, BC)
     XH = _sum_tiles(xh_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R3 (again)
