@@ -12,6 +12,9 @@ Rows (``impl``):
   kernels, segment checkpointing), forward + backward;
 - ``ours_triton_stream``: the same layer, forward only under ``torch.inference_mode``, the sequence
   fed in pieces of 4096 tokens with the carried state (streaming inference);
+- ``ours_triton_tiled`` / ``ours_triton_tiled_stream``: the same two rows with
+  ``impl="triton_tiled"`` (the persistent tiled kernels, ``ops/triton_persistent_kernels.py``;
+  ``impl="auto"`` uses their forward for inference);
 - ``ours_torch``: ``impl="torch"`` (chunked PyTorch, autograd through the chunk loop);
 - ``titans_pytorch``: PyPI ``titans-pytorch`` 0.5.5 ``NeuralMemory(dim=512, heads=8, dim_head=64,
   chunk_size=64)`` (its defaults: 2-layer MLP, expansion 4), forward + backward; a benchmark-only
@@ -61,7 +64,8 @@ from titans_memory.ops.mlp import MemoryMLPSpec  # noqa: E402
 
 B, D_MODEL, HEADS, HEAD_DIM, CHUNK = 4, 512, 8, 64, 64
 LENGTHS = (2048, 8192, 32768, 131072)
-IMPLS = ("ours_triton", "ours_triton_stream", "ours_torch", "titans_pytorch", "sdpa_causal_bf16")
+IMPLS = ("ours_triton", "ours_triton_tiled", "ours_triton_stream", "ours_triton_tiled_stream", "ours_torch",
+         "titans_pytorch", "sdpa_causal_bf16")
 TOL = {"tf32": 2e-2, "bf16": 5e-2, "layer": 2e-2}
 TARGET_TPS_8K = 10e6
 TARGET_PEAK_8K = 2.5

@@ -103,7 +103,7 @@ def test_persistent_forward_equals_chunked(clip, spec):
     """The persistent forward kernel (one launch, state in registers, head barriers) with one tile
     per head: the interpreter runs programs one after another, so more tiles would wait forever;
     several tiles run through the same phases in the launch-per-phase tests above and on the GPU
-    (``benchmarks/kernels.py --check``)."""
+    (``benchmarks/kernels_persistent.py``)."""
     torch.manual_seed(300 + 10 * (clip is not None) + spec.residual)
     gates, W, S = make_inputs(B=2)
     got = neural_memory_tiled_triton(*gates, W, S, spec, CHUNK, clip, n_tiles=1, persistent=True, check=True)
