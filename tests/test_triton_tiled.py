@@ -114,6 +114,18 @@ def test_persistent_forward_equals_chunked(clip, spec):
         assert err < REL_TOL, f"{name}: relative error {err:.2e}"
 
 
+def test_barrier_failures_raise():
+    """A persistent launch counts the head barriers that gave up; the drivers turn a non-zero
+    count into BarrierTimeout (a TitansError) instead of returning its numbers."""
+    from titans_memory.errors import BarrierTimeout, TitansError
+    from titans_memory.ops.triton_tiled import check_barriers
+
+    check_barriers(torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(BarrierTimeout, match="2 head barrier"):
+        check_barriers(torch.tensor([2], dtype=torch.int32))
+    assert issubclass(BarrierTimeout, TitansError)
+
+
 def test_persistent_refuses_several_tiles_under_the_interpreter():
     gates, W, S = make_inputs(B=1, H=1, T=4)
     with pytest.raises(ConfigError, match="interpreter"):

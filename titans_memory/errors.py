@@ -38,3 +38,9 @@ class DatasetError(TitansError, OSError):
 
 class CheckpointError(TitansError, OSError):
     """A saved model or training checkpoint is missing, corrupt, or of an incompatible version."""
+
+
+class BarrierTimeout(TitansError, RuntimeError):
+    """A head barrier of the persistent GPU kernels gave up waiting (the programs of a head were
+    not all resident at once): the results of that call are wrong and were not returned; run it
+    again, or with ``persistent=False`` (one launch per phase, no barriers)."""

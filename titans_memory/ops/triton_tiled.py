@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, ShapeError
+from ..errors import BarrierTimeout, ConfigError, ShapeError
 from .fused import TRITON_ACTIVATIONS, _device_of, interpret_mode
 from .mlp import MemoryMLPSpec
 from .triton_persistent_kernels import _bwd_kernel, _fwd_persistent_kernel
@@ -137,11 +137,6 @@ def _forward_chunks(xs, gates, state, out, c_begin, c_end, spec, max_update_norm
                               BC=BC, D=d, RES=bool(spec.residual), **launch)
 
 
-class BarrierTimeout(RuntimeError):
-    """A head barrier of the persistent kernels gave up waiting (its programs were not all
-    resident at once): the results of that call are wrong and must not be used."""
-
-
 def head_programs(BH: int, NT: int, dev: torch.device) -> int:
     """``n_hp`` of the persistent grid ``(NT, n_hp)``: as many heads at once as fit one program
     per SM (every program of a head must be resident for its barriers), at most ``BH``."""
@@ -218,15 +213,17 @@ def neural_memory_tiled_triton(
     n_tiles: int = 4,
     precision: str = PREC,
     persistent: Optional[bool] = None,
-    check: bool = False,
+    check: bool = True,
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """Same interface and result (to fp32 rounding) as
     :func:`~titans_memory.ops.tiled.neural_memory_tiled`, forward only, depth 2.
 
     ``persistent``: one launch for the whole sequence with per-head barriers
     (:mod:`~titans_memory.ops.triton_persistent_kernels`), or one launch per phase per chunk;
-    ``None``: persistent on CUDA. ``check``: synchronise and raise :class:`BarrierTimeout` if a
-    barrier of the persistent kernel gave up.
+    ``None``: persistent on CUDA. ``check`` (default on): after a persistent launch, synchronise
+    and raise :class:`BarrierTimeout` if a barrier gave up (the programs of a head were not all
+    resident, e.g. when other kernels held SMs for seconds), rather than return wrong numbers;
+    ``check=False`` skips that one device sync per call (under CUDA graph capture, say).
 
     Shapes: ``q, k, v`` ``[B, H, T, d]``; gates ``[B, H, T]``; ``weights = [W1 [B, H, d, E d],
     W2 [B, H, E d, d]]``, ``momentum`` likewise (zeros if ``None``). Returns ``(o [B, H, T, d],
@@ -272,7 +269,7 @@ class _TrainCfg:
     """Static configuration of one training call (flat shapes, tiling, segments, driver)."""
 
     def __init__(self, BH, T, d, hid, spec, chunk, n_tiles, max_update_norm, segment_chunks, prec=PREC,
-                 persistent=False, check=False, bwd_tiles=None, num_warps=(8, 4), stash=False):
+                 persistent=False, check=True, bwd_tiles=None, num_warps=(8, 4), stash=False):
         self.BH, self.T, self.d, self.hid = BH, T, d, hid
         self.prec = prec
         self.spec = spec
@@ -440,7 +437,7 @@ def neural_memory_tiled_triton_train(
     segment_chunks: Optional[int] = None,
     precision: str = PREC,
     persistent: Optional[bool] = None,
-    check: bool = False,
+    check: bool = True,
     bwd_tiles: Optional[int] = None,
     num_warps: Tuple[int, int] = (8, 4),
     stash: bool = False,
