@@ -114,6 +114,34 @@ def test_persistent_forward_equals_chunked(clip, spec):
         assert err < REL_TOL, f"{name}: relative error {err:.2e}"
 
 
+BF16_TOL = 3e-2  # bf16 operands, fp32 state and accumulation (the interpreter rounds operands to bf16)
+
+
+@pytest.mark.parametrize("persistent,n_tiles", [(False, 2), (True, 1)])
+def test_tiled_bf16_operands_within_the_bf16_bound(persistent, n_tiles):
+    """``precision="bf16"``: forward (inference) and every gradient of the training path against
+    the fp64 chunked form, relative error below 3e-2 (as ``tests/test_kernels.py``)."""
+    torch.manual_seed(600 + n_tiles)
+    gates, W, S = make_inputs(B=1)
+    spec = MemoryMLPSpec("silu", True)
+    d64 = lambda ts: [t.detach().double() for t in ts]
+    ref = neural_memory_chunked(*d64(gates), d64(W), d64(S), spec, CHUNK, 0.05)
+    got = neural_memory_tiled_triton(*gates, W, S, spec, CHUNK, 0.05, n_tiles=n_tiles, precision="bf16",
+                                     persistent=persistent)
+    assert max(rel_err(a, b) for a, b in zip([got[0], *got[1], *got[2]], [ref[0], *ref[1], *ref[2]])) < BF16_TOL
+    leaves = [t.clone().requires_grad_(True) for t in (*gates, *W, *S)]
+    o = neural_memory_tiled_triton_train(*leaves[:6], leaves[6:8], leaves[8:], spec, CHUNK, 0.05, n_tiles=n_tiles,
+                                         precision="bf16", persistent=persistent)[0]
+    cot = torch.randn_like(o)
+    grads = torch.autograd.grad((o * cot).sum(), leaves)
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    ro = neural_memory_chunked(*ref_leaves[:6], ref_leaves[6:8], ref_leaves[8:], spec, CHUNK, 0.05)[0]
+    ref_g = torch.autograd.grad((ro * cot.double()).sum(), ref_leaves)
+    errs = [rel_err(a, b) for a, b in zip(grads, ref_g)]
+    assert max(errs) < BF16_TOL, errs
+    assert max(errs) > 1e-6  # the operands really were rounded (else this tests fp32 again)
+
+
 def test_barrier_failures_raise():
     """A persistent launch counts the head barriers that gave up; the drivers turn a non-zero
     count into BarrierTimeout (a TitansError) instead of returning its numbers."""
