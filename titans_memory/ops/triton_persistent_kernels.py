@@ -31,8 +31,9 @@ Co-residency: a barrier needs every program of a head running at once, so the gr
 ``(n_tiles, n_hp)`` with ``n_tiles * n_hp`` at most the number of SMs (the drivers choose
 ``n_hp``), and each program loops over heads. The interpreter runs programs one after another,
 so these kernels run there only with ``n_tiles = 1`` (the drivers refuse more). A barrier gives
-up after about ``2**22`` polls, counts the failure in ``err`` (which the drivers can check) and
-opens the head's later barriers, rather than hang the GPU.
+up after about ``2**22`` polls, counts the failure in ``err`` and opens the head's later
+barriers, rather than hang the GPU; the drivers then raise
+:class:`~titans_memory.errors.BarrierTimeout` (their ``check``, on by default).
 """
 
 from __future__ import annotations
