@@ -454,6 +454,7 @@ def _aot_compile(fn, consts: dict, nw: int, label: str) -> bool:
     row: registers, spill bytes, shared memory, wgmma count, compile time. False if the kernel
     needs more shared memory than an H100 block has. Arguments named ``*_ptr`` are fp32 pointers,
     ``clip`` an fp32 scalar, the others int32 scalars."""
+    import inspect
     import re
     import subprocess
     import tempfile
@@ -462,6 +463,13 @@ def _aot_compile(fn, consts: dict, nw: int, label: str) -> bool:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    consts = dict(consts)
+    for prm in getattr(fn, "params", ()):  # a constexpr left out would compile as a run-time argument
+        if getattr(prm, "is_constexpr", False) and prm.name not in consts:
+            default = getattr(prm, "default", inspect.Parameter.empty)
+            if default is inspect.Parameter.empty:
+                raise ValueError(f"{label}: constexpr {prm.name} needs a value")
+            consts[prm.name] = default
     bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     ptxas = next((str(bindir / n) for n in ("ptxas-blackwell", "ptxas") if (bindir / n).exists()), "ptxas")
     sig = {}
@@ -538,7 +546,9 @@ def run_aot_tiled(tiles=(4, 8)) -> int:
     ok = True
     F = 4 * HEAD_DIM
     for n in tiles:
-        base = dict(BC=CHUNK, D=HEAD_DIM, F=F, BF=F // n, ACT="silu", PREC=TT.PREC, RES=True, CLIP=True)
+        # every constexpr given (one left out would compile as a run-time argument, both branches)
+        base = dict(BC=CHUNK, D=HEAD_DIM, F=F, BF=F // n, ACT="silu", PREC=TT.PREC, RES=True, CLIP=True,
+                    SYNC=True, STASH=False)
         for fn, extra, nw, label in (
             (TT._keys_kernel, {}, 4, "_keys_kernel"),
             (TT._norms_kernel, {}, 4, "_norms_kernel"),
@@ -548,6 +558,7 @@ def run_aot_tiled(tiles=(4, 8)) -> int:
             (TP._fwd_persistent_kernel, dict(OUT=False, SAVE=True), 8, "persistent fwd (recompute)"),
             (TP._bwd_kernel, dict(PHASE=0), 4, "persistent bwd"),
             (TP._bwd_kernel, dict(PHASE=0), 8, "persistent bwd"),
+            (TP._bwd_kernel, dict(PHASE=0, STASH=True), 8, "persistent bwd, stash"),
         ):
             consts = {k: v for k, v in dict(base, **extra).items() if k in fn.arg_names}
             ok &= _aot_compile(fn, consts, nw, f"tiled x{n} {label}")
