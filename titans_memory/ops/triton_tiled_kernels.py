@@ -285,6 +285,40 @@ def _bwd_errors(k, v, w1, w2, p_head, rmask, NT, BC: tl.constexpr, D: tl.constex
 
 
 @triton.jit
+def _bwd_delta2(k, v, p_head, d2s_ptr, bh, j, rmask, NT, BC: tl.constexpr, D: tl.constexpr, RES: tl.constexpr,
+                STASH: tl.constexpr):
+    """``delta2`` of the chunk (zero past the sequence end): from R1 (``y = sum_t P_t``), or read
+    back from the tile's stash (``STASH``). Needs no state tile."""
+    rc = tl.arange(0, BC)
+    ocd = rc[:, None] * D + tl.arange(0, D)[None, :]
+    if STASH:
+        delta2 = tl.load(d2s_ptr + (bh * NT + j) * BC * D + ocd)
+    else:
+        y = _sum_tiles(p_head, NT, BC * D, ocd)
+        if RES:
+            y += k
+        delta2 = tl.where(rmask[:, None], 2.0 * (y - v), 0.0)
+    return delta2
+
+
+@triton.jit
+def _bwd_hidden(k, delta2, w1_ptr, w2_ptr, o1, o2, zs_ptr, us_ptr, bh, j, NT, BC: tl.constexpr, BF: tl.constexpr,
+                ACT: tl.constexpr, PREC: tl.constexpr, STASH: tl.constexpr):
+    """The tile's ``z1_j, h1_j, act'(z1_j), u_j = delta2 W2_j^T, delta1_j``: recomputed from the
+    chunk-start state (two matmuls) or read back from the stash."""
+    if STASH:
+        ts = _tile_scratch(bh, j, NT, BC, BF)
+        z1 = tl.load(zs_ptr + ts)
+        u = tl.load(us_ptr + ts)
+    else:
+        z1 = _mm(k, tl.load(w1_ptr + o1), PREC)
+        u = _mm(delta2, tl.trans(tl.load(w2_ptr + o2)), PREC)
+    h1 = _act(z1, ACT)
+    sd1 = _act_d(z1, ACT)
+    return z1, h1, sd1, u, u * sd1
+
+
+@triton.jit
 def _bwd_fetch(k, v, w1, w2, p_head, zs_ptr, us_ptr, d2s_ptr, bh, j, rmask, NT, BC: tl.constexpr, D: tl.constexpr,
                BF: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr, PREC: tl.constexpr, STASH: tl.constexpr):
     """What :func:`_bwd_errors` returns, recomputed (``STASH=False``) or read back from the tile's
@@ -480,10 +514,9 @@ def _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
         q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, bh, T, t0, BC, D)
     go = tl.load(go_ptr + xoff, mask=rmask[:, None], other=0.0)
     o1, o2 = _tile_offsets(bh, j, D, F, BF)
-    w2 = tl.load(w2_ptr + o2)
-    delta2, z1, h1, sd1, u, delta1 = _bwd_fetch(k, v, tl.load(w1_ptr + o1), w2, p_ptr + bh * NT * BC * D,
-                                                zs_ptr, us_ptr, d2s_ptr, bh, j, rmask, NT, BC, D, BF, ACT, RES,
-                                                PREC, STASH)
+    # the per-head coefficient backward first, the tile's hidden activations after it: fewer
+    # tensors live at once (this phase spilled most)
+    delta2 = _bwd_delta2(k, v, p_ptr + bh * NT * BC * D, d2s_ptr, bh, j, rmask, NT, BC, D, RES, STASH)
     thc, nrm, r, kk, dd1, hh, dd2 = _bwd_clip(k, delta2, th, n_ptr + bh * NT * 2 * BC, NT, clip, BC, CLIP)
     A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(thc, et, al, valid, BC)
     XH = _sum_tiles(xh_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R3
@@ -519,10 +552,12 @@ def _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
     da1 = tl.load(da1_ptr + ts)
     ddelta1 = (-_mm(tl.trans(QK * C), da1, PREC) - cl[:, None] * _mm(k, tl.load(aw1_ptr + o1), PREC)
                - ml[:, None] * _mm(k, tl.load(as1_ptr + o1), PREC))
+    z1, h1, sd1, u, delta1 = _bwd_hidden(k, delta2, w1_ptr, w2_ptr, o1, o2, zs_ptr, us_ptr, bh, j, NT, BC, BF,
+                                         ACT, PREC, STASH)
     if CLIP:
         ddelta1 += (2.0 * dn2 * kk)[:, None] * delta1
     tl.store(ddl1_ptr + ts, ddelta1)
-    dd2_j = (_mm(ddelta1 * sd1, w2, PREC) - cl[:, None] * _mm(h1, tl.load(aw2_ptr + o2), PREC)
+    dd2_j = (_mm(ddelta1 * sd1, tl.load(w2_ptr + o2), PREC) - cl[:, None] * _mm(h1, tl.load(aw2_ptr + o2), PREC)
              - ml[:, None] * _mm(h1, tl.load(as2_ptr + o2), PREC))
     tl.store(dd2_ptr + (bh * NT + j) * BC * D + ocd, dd2_j)
 
