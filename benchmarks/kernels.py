@@ -116,12 +116,14 @@ def check_kernel(depth: int, clip: Optional[float], precision: str, dev, small: 
     return errs
 
 
-def check_layer(dev, small: bool) -> Dict[str, float]:
+def check_layer(dev, small: bool, impl: str = "triton") -> Dict[str, float]:
+    """The NeuralMemory layer with ``impl`` against ``impl="torch"``: output and every parameter
+    gradient (relative errors)."""
     cfg = MemoryConfig(depth=2, expansion=2 if small else 4, chunk_size=16 if small else CHUNK)
     dm, h, hd, T = (32, 2, 16, 41) if small else (D_MODEL, HEADS, HEAD_DIM, 1000)
     torch.manual_seed(0)
     ref = NeuralMemory(dm, h, hd, cfg, impl="torch").to(dev)
-    tri = NeuralMemory(dm, h, hd, cfg, impl="triton").to(dev)
+    tri = NeuralMemory(dm, h, hd, cfg, impl=impl).to(dev)
     tri.load_state_dict(ref.state_dict())
     x = torch.randn(2, T, dm, device=dev)
     gy = torch.randn(2, T, dm, device=dev)

@@ -172,28 +172,13 @@ def check_inference_shapes() -> bool:
 
 
 def check_layer() -> bool:
-    from kernels import D_MODEL
-
-    from titans_memory.config import MemoryConfig
-    from titans_memory.memory import NeuralMemory
+    """``kernels.check_layer`` with ``impl="triton_tiled"`` (W1 dims, T = 1000, fp32, no TF32)."""
+    import kernels
 
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        cfg = MemoryConfig(depth=2, expansion=4, chunk_size=CHUNK)
-        torch.manual_seed(0)
-        ref = NeuralMemory(D_MODEL, HEADS, HEAD_DIM, cfg, impl="torch").cuda()
-        til = NeuralMemory(D_MODEL, HEADS, HEAD_DIM, cfg, impl="triton_tiled").cuda()
-        til.load_state_dict(ref.state_dict())
-        x = torch.randn(2, 1008, D_MODEL, device="cuda")
-        gy = torch.randn_like(x)
-        res = {}
-        for name, layer in (("ref", ref), ("til", til)):
-            y = layer(x)
-            (y * gy).sum().backward()
-            res[name] = (y.detach(), {n: p.grad for n, p in layer.named_parameters()})
-        errs = {"y": _rel(res["til"][0], res["ref"][0])}
-        errs.update({f"d.{n}": _rel(res["til"][1][n], g) for n, g in res["ref"][1].items()})
+        errs = kernels.check_layer(torch.device("cuda"), small=False, impl="triton_tiled")
         worst = max(errs, key=lambda k: errs[k])
         good = errs[worst] <= TOL["layer"]
         print(f"| layer W1 dims, triton_tiled vs torch | {TOL['layer']:g} | | {errs[worst]:.2e} ({worst}) | | "

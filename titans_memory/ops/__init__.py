@@ -54,6 +54,10 @@ IMPLS = ("auto", "triton", "checkpointed", "torch", "naive", "triton_tiled")
 TRITON_AUTO = os.environ.get("TITANS_MEMORY_TRITON", "1") != "0"
 
 
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _tiled_inference_ok(q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size) -> bool:
     """Whether ``impl="auto"`` takes the persistent tiled forward: CUDA, no gradient wanted
     (inference, e.g. streaming), depth 2 and the head shapes its GPU check covered (head dim
@@ -61,10 +65,7 @@ def _tiled_inference_ok(q, k, v, theta, eta, alpha, weights, momentum, spec, chu
     on an H200 (``benchmarks/RESULTS.md``). Training stays on the fused kernels, which were faster."""
     if not (TRITON_AUTO and q.is_cuda and len(weights) == 2 and q.shape[-1] <= 64):
         return False
-    tensors = (q, k, v, theta, eta, alpha, *weights, *(momentum or ()))
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    if not triton_available():
+    if _wants_grad(q, k, v, theta, eta, alpha, *weights, *(momentum or ())) or not triton_available():
         return False
     from .triton_tiled import default_n_tiles, tiled_triton_unsupported_reason
 
@@ -113,10 +114,8 @@ def neural_memory(
             raise ConfigError('impl="triton_tiled" needs Triton and a CUDA device, or TRITON_INTERPRET=1 on the CPU')
         from .triton_tiled import default_n_tiles, neural_memory_tiled_triton, neural_memory_tiled_triton_train
 
-        tensors = (q, k, v, theta, eta, alpha, *weights, *(momentum or ()))
-        train = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         n_tiles = default_n_tiles(weights[0].shape[-1])
-        if not train:
+        if not _wants_grad(q, k, v, theta, eta, alpha, *weights, *(momentum or ())):
             return neural_memory_tiled_triton(
                 q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size, max_update_norm, n_tiles=n_tiles)
         return neural_memory_tiled_triton_train(

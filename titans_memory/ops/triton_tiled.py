@@ -301,7 +301,7 @@ def _backward_scratch(cfg: _TrainCfg, dev) -> dict:
                   GT=(BH, NT, 4, BC), GS=(BH, NT, 4), DD2=(BH, NT, BC, d), DQ=(2, BH, NT + 1, BC, d),
                   DK=(2, BH, NT + 1, BC, d), X1=(BH, NT, BC, BF), DA1=(BH, NT, BC, BF), DDL1=(BH, NT, BC, BF),
                   HD=(BH, BC))
-    if cfg.stash:  # z1_j, u_j, delta2 of the current chunk, written in phase 2 (_bwd_fetch)
+    if cfg.stash:  # z1_j, u_j, delta2 of the current chunk, written in phase 2 (see _bwd_hidden)
         shapes.update(ZS=(BH, NT, BC, BF), US=(BH, NT, BC, BF), D2S=(BH, NT, BC, d))
     return {name: torch.zeros(shape, device=dev, dtype=f32) for name, shape in shapes.items()}
 
@@ -328,11 +328,10 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
         cnt = torch.zeros(BH, device=dev, dtype=torch.int32)
         _bwd_kernel[(NT, n_hp)](*args(starts, c0, nc), PHASE=0, **meta)
         return
-    n_hp, cnt = BH, err
-    phases = (1, 2, 3, 4, 5)
+    n_hp, cnt = BH, err  # no barrier in this mode: the counter argument is unused
     for n in range(c0 + nc - 1, c0 - 1, -1):
         st = [t[n - c0] for t in starts]
-        for ph in phases:
+        for ph in range(1, 6):
             _bwd_kernel[(NT, BH)](*args(st, n, 1), PHASE=ph, **meta)
 
 

@@ -267,24 +267,6 @@ def _tile_scratch(bh, j, NT, BC: tl.constexpr, BF: tl.constexpr):
 
 
 @triton.jit
-def _bwd_errors(k, v, w1, w2, p_head, rmask, NT, BC: tl.constexpr, D: tl.constexpr,
-                ACT: tl.constexpr, RES: tl.constexpr, PREC: tl.constexpr):
-    """Forward recompute from the chunk-start state: R1 (``y = sum_t P_t``), ``delta2`` (zero past
-    the sequence end), and the tile-local ``z1_j, h1_j, act'(z1_j), u_j = delta2 W2_j^T, delta1_j``."""
-    rc = tl.arange(0, BC)
-    ocd = rc[:, None] * D + tl.arange(0, D)[None, :]
-    y = _sum_tiles(p_head, NT, BC * D, ocd)
-    if RES:
-        y += k
-    delta2 = tl.where(rmask[:, None], 2.0 * (y - v), 0.0)
-    z1 = _mm(k, w1, PREC)
-    h1 = _act(z1, ACT)
-    sd1 = _act_d(z1, ACT)
-    u = _mm(delta2, tl.trans(w2), PREC)
-    return delta2, z1, h1, sd1, u, u * sd1
-
-
-@triton.jit
 def _bwd_delta2(k, v, p_head, d2s_ptr, bh, j, rmask, NT, BC: tl.constexpr, D: tl.constexpr, RES: tl.constexpr,
                 STASH: tl.constexpr):
     """``delta2`` of the chunk (zero past the sequence end): from R1 (``y = sum_t P_t``), or read
@@ -302,17 +284,18 @@ def _bwd_delta2(k, v, p_head, d2s_ptr, bh, j, rmask, NT, BC: tl.constexpr, D: tl
 
 
 @triton.jit
-def _bwd_hidden(k, delta2, w1_ptr, w2_ptr, o1, o2, zs_ptr, us_ptr, bh, j, NT, BC: tl.constexpr, BF: tl.constexpr,
+def _bwd_hidden(k, delta2, w1, w2, zs_ptr, us_ptr, bh, j, NT, BC: tl.constexpr, BF: tl.constexpr,
                 ACT: tl.constexpr, PREC: tl.constexpr, STASH: tl.constexpr):
-    """The tile's ``z1_j, h1_j, act'(z1_j), u_j = delta2 W2_j^T, delta1_j``: recomputed from the
-    chunk-start state (two matmuls) or read back from the stash."""
+    """The tile's ``z1_j = k W1_j, h1_j, act'(z1_j), u_j = delta2 W2_j^T, delta1_j``: recomputed
+    from the chunk-start state tiles ``w1, w2`` (two matmuls) or read back from the stash (the
+    state tiles are then unused)."""
     if STASH:
         ts = _tile_scratch(bh, j, NT, BC, BF)
         z1 = tl.load(zs_ptr + ts)
         u = tl.load(us_ptr + ts)
     else:
-        z1 = _mm(k, tl.load(w1_ptr + o1), PREC)
-        u = _mm(delta2, tl.trans(tl.load(w2_ptr + o2)), PREC)
+        z1 = _mm(k, w1, PREC)
+        u = _mm(delta2, tl.trans(w2), PREC)
     h1 = _act(z1, ACT)
     sd1 = _act_d(z1, ACT)
     return z1, h1, sd1, u, u * sd1
@@ -321,20 +304,10 @@ def _bwd_hidden(k, delta2, w1_ptr, w2_ptr, o1, o2, zs_ptr, us_ptr, bh, j, NT, BC
 @triton.jit
 def _bwd_fetch(k, v, w1, w2, p_head, zs_ptr, us_ptr, d2s_ptr, bh, j, rmask, NT, BC: tl.constexpr, D: tl.constexpr,
                BF: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr, PREC: tl.constexpr, STASH: tl.constexpr):
-    """What :func:`_bwd_errors` returns, recomputed (``STASH=False``) or read back from the tile's
-    stash (``z1_j``, ``u_j`` ``[BH, NT, BC, BF]``, ``delta2`` ``[BH, NT, BC, D]``) that phase 2 wrote
-    for this chunk (``STASH=True``: no matmul, no reduction, no state load)."""
-    if STASH:
-        ts = _tile_scratch(bh, j, NT, BC, BF)
-        rc = tl.arange(0, BC)
-        z1 = tl.load(zs_ptr + ts)
-        u = tl.load(us_ptr + ts)
-        delta2 = tl.load(d2s_ptr + (bh * NT + j) * BC * D + rc[:, None] * D + tl.arange(0, D)[None, :])
-        h1 = _act(z1, ACT)
-        sd1 = _act_d(z1, ACT)
-        delta1 = u * sd1
-    else:
-        delta2, z1, h1, sd1, u, delta1 = _bwd_errors(k, v, w1, w2, p_head, rmask, NT, BC, D, ACT, RES, PREC)
+    """The chunk's forward quantities of the tile from the chunk-start state: ``(delta2, z1, h1,
+    act'(z1), u, delta1)`` (:func:`_bwd_delta2`, :func:`_bwd_hidden`)."""
+    delta2 = _bwd_delta2(k, v, p_head, d2s_ptr, bh, j, rmask, NT, BC, D, RES, STASH)
+    z1, h1, sd1, u, delta1 = _bwd_hidden(k, delta2, w1, w2, zs_ptr, us_ptr, bh, j, NT, BC, BF, ACT, PREC, STASH)
     return delta2, z1, h1, sd1, u, delta1
 
 
@@ -413,8 +386,8 @@ def _bwd_norms(bh, j, k_ptr, v_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1
     v = _rows(v_ptr, bh, T, t0, BC, D)
     w1 = tl.load(w1_ptr + o1)
     w2 = tl.load(w2_ptr + o2)
-    delta2, z1, h1, _, u, delta1 = _bwd_errors(k, v, w1, w2, p_ptr + bh * NT * BC * D, rmask, NT,
-                                               BC, D, ACT, RES, PREC)
+    delta2, z1, h1, _, u, delta1 = _bwd_fetch(k, v, w1, w2, p_ptr + bh * NT * BC * D, zs_ptr, us_ptr, d2s_ptr,
+                                              bh, j, rmask, NT, BC, D, BF, ACT, RES, PREC, False)
     if STASH:
         ts = _tile_scratch(bh, j, NT, BC, BF)
         tl.store(zs_ptr + ts, z1)
@@ -552,8 +525,8 @@ def _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
     da1 = tl.load(da1_ptr + ts)
     ddelta1 = (-_mm(tl.trans(QK * C), da1, PREC) - cl[:, None] * _mm(k, tl.load(aw1_ptr + o1), PREC)
                - ml[:, None] * _mm(k, tl.load(as1_ptr + o1), PREC))
-    z1, h1, sd1, u, delta1 = _bwd_hidden(k, delta2, w1_ptr, w2_ptr, o1, o2, zs_ptr, us_ptr, bh, j, NT, BC, BF,
-                                         ACT, PREC, STASH)
+    z1, h1, sd1, u, delta1 = _bwd_hidden(k, delta2, tl.load(w1_ptr + o1), tl.load(w2_ptr + o2), zs_ptr, us_ptr,
+                                         bh, j, NT, BC, BF, ACT, PREC, STASH)
     if CLIP:
         ddelta1 += (2.0 * dn2 * kk)[:, None] * delta1
     tl.store(ddl1_ptr + ts, ddelta1)
