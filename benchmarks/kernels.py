@@ -8,13 +8,13 @@ forward + backward of a full layer (projections included); sequence lengths 2k, 
 
 Rows (``impl``):
 
-- ``ours_triton``: :class:`~titans_memory.memory.NeuralMemory` with ``impl="triton"`` (fused
-  kernels, segment checkpointing), forward + backward;
+- ``ours_triton``: :class:`~titans_memory.memory.NeuralMemory` with ``impl="triton_tiled"`` (the
+  persistent tiled kernels, ``ops/triton_persistent_kernels.py``, segment checkpointing; what
+  ``impl="auto"`` picks on CUDA for these shapes), forward + backward;
 - ``ours_triton_stream``: the same layer, forward only under ``torch.inference_mode``, the sequence
   fed in pieces of 4096 tokens with the carried state (streaming inference);
-- ``ours_triton_tiled`` / ``ours_triton_tiled_stream``: the same two rows with
-  ``impl="triton_tiled"`` (the persistent tiled kernels, ``ops/triton_persistent_kernels.py``;
-  ``impl="auto"`` uses their forward for inference);
+- ``ours_triton_fused`` / ``ours_triton_fused_stream``: the same two rows with ``impl="triton"``
+  (the fused kernels, one program per head, ``ops/fused.py``);
 - ``ours_torch``: ``impl="torch"`` (chunked PyTorch, autograd through the chunk loop);
 - ``titans_pytorch``: PyPI ``titans-pytorch`` 0.5.5 ``NeuralMemory(dim=512, heads=8, dim_head=64,
   chunk_size=64)`` (its defaults: 2-layer MLP, expansion 4), forward + backward; a benchmark-only
@@ -64,7 +64,7 @@ from titans_memory.ops.mlp import MemoryMLPSpec  # noqa: E402
 
 B, D_MODEL, HEADS, HEAD_DIM, CHUNK = 4, 512, 8, 64, 64
 LENGTHS = (2048, 8192, 32768, 131072)
-IMPLS = ("ours_triton", "ours_triton_tiled", "ours_triton_stream", "ours_triton_tiled_stream", "ours_torch",
+IMPLS = ("ours_triton", "ours_triton_fused", "ours_triton_stream", "ours_triton_fused_stream", "ours_torch",
          "titans_pytorch", "sdpa_causal_bf16")
 TOL = {"tf32": 2e-2, "bf16": 5e-2, "layer": 2e-2}
 TARGET_TPS_8K = 10e6
@@ -215,8 +215,8 @@ def _time_step(step: Callable[[], None], max_step_s: float, budget_s: float = 4.
 def _make(impl: str, dev):
     """(setup(T) -> step) for an impl, or raise ImportError for a missing peer."""
     torch.manual_seed(0)
-    if impl in ("ours_triton", "ours_torch", "ours_triton_stream", "ours_triton_tiled", "ours_triton_tiled_stream"):
-        which = {"ours_torch": "torch"}.get(impl, "triton_tiled" if "tiled" in impl else "triton")
+    if impl in ("ours_triton", "ours_torch", "ours_triton_stream", "ours_triton_fused", "ours_triton_fused_stream"):
+        which = {"ours_torch": "torch"}.get(impl, "triton" if "fused" in impl else "triton_tiled")
         layer = NeuralMemory(D_MODEL, HEADS, HEAD_DIM, MemoryConfig(depth=2, expansion=4, chunk_size=CHUNK), impl=which).to(dev)
 
         def setup(T):
@@ -306,7 +306,7 @@ def run_bench(impls, lengths, max_step_s: float, device: str = "cuda") -> List[d
             step = None
             if cuda:
                 torch.cuda.empty_cache()
-        if impl.startswith("ours_triton"):
+        if impl.startswith("ours_triton_fused"):
             import titans_memory.ops.fused as fused
 
             print("kernel compiler report (regs/thread, spilled regs, shared bytes):", fused.KERNEL_STATS, flush=True)

@@ -46,12 +46,11 @@ SPEC = MemoryMLPSpec("silu", residual=True)
 # (n_tiles, clip, precision, persistent[, bwd_tiles, bwd_warps, stash]; defaults n_tiles, 4, False).
 # bf16 operands are left out: on the H200 (Triton 3.6) the persistent backward with bf16 operands
 # stopped with an illegal memory access (2026-12-01), and that poisons the CUDA context of the run.
-CHECKED = [(4, 1.0, "tf32", True, 4, 8), (4, None, "tf32", True, 4, 8), (4, 1.0, "tf32", True, 8, 8),
-           (4, 1.0, "tf32", True, 4, 8, True), (4, 1.0, "tf32", True, 8, 8, True)]
-TIMED = [(4, 1.0, "tf32", True, 4, 8), (4, 1.0, "tf32", True, 8, 8), (4, 1.0, "tf32", True, 4, 8, True),
-         (4, 1.0, "tf32", True, 8, 8, True)]
-# (head_dim, expansion, chunk) of the inference check (impl="auto" uses the persistent forward there)
-INFERENCE_SHAPES = [(64, 4, 64), (64, 2, 64), (32, 2, 32), (32, 4, 32), (16, 4, 16)]
+CHECKED = [(4, 1.0, "tf32", True, 4, 8, True), (4, None, "tf32", True, 4, 8, True), (4, 1.0, "tf32", True, 4, 8)]
+TIMED = [(4, 1.0, "tf32", True, 4, 8, True)]  # the default (x4, 8 warps, stash); others: --timed
+# (head_dim, expansion, chunk) of the default-configuration check (impl="auto" uses the persistent
+# kernels there, in training and inference)
+SHAPES = [(64, 4, 64), (64, 2, 64), (32, 2, 32), (32, 4, 32), (16, 4, 16)]
 
 
 def _label(v) -> str:
@@ -140,32 +139,44 @@ def check(variants, T=1008) -> bool:
         print(f"| {_label(v)} | {TOL[prec]:g} | {cells} | {'yes' if good else 'NO'} | ({time.perf_counter() - t0:.0f} s)",
               flush=True)
     ok &= check_layer()
-    ok &= check_inference_shapes()
+    ok &= check_shapes()
     print("persistent check:", "PASS" if ok else "FAIL", flush=True)
     return ok
 
 
-def check_inference_shapes() -> bool:
-    """The persistent forward (default tiles) against the chunked form in fp64 at the head shapes
-    ``impl="auto"`` sends to it without gradients; T = 1000, B 2 x 4 heads, clip 1.0."""
+def check_shapes() -> bool:
+    """The persistent kernels with their default configuration (what ``impl="auto"`` runs) against
+    the chunked form in fp64 at the head shapes ``impl="auto"`` sends to them: the forward without
+    gradients, and forward + backward (outputs, final state, all ten gradients); T = 1000,
+    B 2 x 4 heads, clip 1.0."""
     from titans_memory.ops.triton_tiled import default_n_tiles
 
     ok = True
-    print("\n| inference shape (head dim, expansion, chunk, tiles) | tol | max rel err | pass |")
-    print("|---|---|---|---|")
-    for d, E, c in INFERENCE_SHAPES:
+    print("\n| head shape (head dim, expansion, chunk, tiles) | tol | inference max rel err | training max rel err | pass |")
+    print("|---|---|---|---|---|")
+    for d, E, c in SHAPES:
         n = default_n_tiles(E * d)
         try:
             args, W, S = _inputs(2, 4, 1000, d, 2, E, torch.device("cuda"), seed=d + E)
-            ro, rW, rS = neural_memory_chunked(*args, W, S, SPEC, c, 1.0)
-            x = [t.float() for t in args + W + S]
-            o, Wt, St = neural_memory_tiled_triton(*x[:6], x[6:8], x[8:], SPEC, c, 1.0, n_tiles=n, persistent=True,
-                                                   check=True)
-            e = max(_rel(a, b) for a, b in zip([o, *Wt, *St], [ro, *rW, *rS]))
-            good = e <= TOL["tf32"]
-            cell = f"{e:.2e}"
+            ref_in = [t.clone().requires_grad_() for t in args + W + S]
+            ro, rW, rS = neural_memory_chunked(*ref_in[:6], ref_in[6:8], ref_in[8:], SPEC, c, 1.0)
+            refs = [ro, *rW, *rS]
+            g = torch.Generator(device="cpu").manual_seed(7)
+            cots = [torch.randn(t.shape, generator=g).cuda().double() for t in refs]
+            gref = torch.autograd.grad(refs, ref_in, cots)
+            x = [t.detach().float().requires_grad_() for t in args + W + S]
+            with torch.no_grad():
+                o, Wt, St = neural_memory_tiled_triton(*x[:6], x[6:8], x[8:], SPEC, c, 1.0, n_tiles=n,
+                                                       persistent=True, check=True)
+            e_inf = max(_rel(a, b) for a, b in zip([o, *Wt, *St], refs))
+            o, Wt, St = neural_memory_tiled_triton_train(*x[:6], x[6:8], x[8:], SPEC, c, 1.0, n_tiles=n,
+                                                         persistent=True, check=True)
+            grads = torch.autograd.grad([o, *Wt, *St], x, [t.float() for t in cots])
+            e_tr = max(_rel(a, b) for a, b in zip([o, *Wt, *St, *grads], refs + list(gref)))
+            good = max(e_inf, e_tr) <= TOL["tf32"]
+            cell = f"{e_inf:.2e} | {e_tr:.2e}"
         except Exception as exc:
-            good, cell = False, f"{type(exc).__name__}: {str(exc)[:150]}"
+            good, cell = False, f"{type(exc).__name__}: {str(exc)[:150]} |"
         ok &= good
         print(f"| {d}, {E}, {c}, x{n} | {TOL['tf32']:g} | {cell} | {'yes' if good else 'NO'} |", flush=True)
     return ok
@@ -265,6 +276,54 @@ def diag(T: int = 8192) -> None:
                   flush=True)
 
 
+def diag_bwd(T: int = 4096) -> None:
+    """GPU time of each of the five backward phases (``_bwd_chunk``), from the launch-per-phase
+    driver (the same phase code as the persistent kernel, without its barriers), W1 shapes, the
+    default tiling (x4, 8 warps, stash): which phase to work on. Per-launch CUDA events."""
+    import titans_memory.ops.triton_tiled as tt
+
+    dev = torch.device("cuda")
+    args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, dev, seed=3)
+    x = [t.float().requires_grad_() for t in args + W + S]
+    cot = torch.randn(x[0].shape, device=dev)
+    kernel, events = tt._bwd_kernel, []
+
+    class Timed:  # stands in for the jitted kernel: grid[...](*args, PHASE=p, **meta) with events around it
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                kernel[grid](*a, **kw)
+                e1.record()
+                events.append((kw["PHASE"], e0, e1))
+            return launch
+
+    def run():
+        o = neural_memory_tiled_triton_train(*x[:6], x[6:8], x[8:], SPEC, CHUNK, 1.0, persistent=False)[0]
+        torch.autograd.grad(o, x[:6], cot)
+
+    tt._bwd_kernel = Timed()
+    try:
+        run()  # compile
+        torch.cuda.synchronize()
+        events.clear()
+        run()
+        torch.cuda.synchronize()
+    finally:
+        tt._bwd_kernel = kernel
+    per = {}
+    for ph, e0, e1 in events:
+        per.setdefault(ph, []).append(e0.elapsed_time(e1))
+    total = sum(sum(v) for v in per.values())
+    n_chunks = -(-T // CHUNK)
+    print(f"\n# backward phases (launch per phase, x4, 8 warps, stash), T = {T}, W1 shapes, {device_name()}")
+    print("| phase | launches | us per chunk | share |")
+    print("|---|---|---|---|")
+    for ph in sorted(per):
+        print(f"| {ph} | {len(per[ph])} | {sum(per[ph]) * 1e3 / n_chunks:.1f} | {sum(per[ph]) / total:.0%} |")
+    print(f"| all | {sum(len(v) for v in per.values())} | {total * 1e3 / n_chunks:.1f} | 100% |", flush=True)
+
+
 def ncu_one(which: str, T: int = 8192) -> None:
     """One forward (inference, x4) or one forward + backward (x8) for ``ncu`` to profile."""
     v = (4, 1.0, "tf32", True) if which == "fwd" else (8, 1.0, "tf32", True)
@@ -278,6 +337,7 @@ def main() -> int:
     p.add_argument("--lengths", default="2048,8192,32768")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--diag", action="store_true", help="forward-only timings with one knob changed at a time")
+    p.add_argument("--diag-bwd", action="store_true", help="GPU time of each backward phase")
     p.add_argument("--timed", default=None, help="JSON list of timed variants (default: TIMED)")
     p.add_argument("--ncu-one", default=None, choices=("fwd", "train"), help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "kernels_persistent.json")
@@ -291,8 +351,9 @@ def main() -> int:
     if a.ncu_one:
         ncu_one(a.ncu_one)
         return 0
-    if a.diag:
-        diag()
+    if a.diag or a.diag_bwd:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        diag() if a.diag else diag_bwd()
         return 0
     torch.backends.cuda.matmul.allow_tf32 = True
     timed = [tuple(v) for v in json.loads(a.timed)] if a.timed else TIMED

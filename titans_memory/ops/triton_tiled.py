@@ -438,8 +438,8 @@ def neural_memory_tiled_triton_train(
     persistent: Optional[bool] = None,
     check: bool = True,
     bwd_tiles: Optional[int] = None,
-    num_warps: Tuple[int, int] = (8, 4),
-    stash: bool = False,
+    num_warps: Tuple[int, int] = (8, 8),
+    stash: bool = True,
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """Differentiable twin of :func:`neural_memory_tiled_triton` (depth 2, same coverage and
     requirements, same result): gradients flow to ``q, k, v, theta, eta, alpha``, ``weights`` and
@@ -452,9 +452,11 @@ def neural_memory_tiled_triton_train(
     :func:`neural_memory_tiled_triton`. ``bwd_tiles``: tiles per head of the backward (its
     recompute and walk; default ``n_tiles``: the backward holds about twice the live tensors per
     tile, so narrower tiles can fit where the forward's do not). ``num_warps``: (forward and
-    recompute, backward) warps per program. ``stash``: the backward's phase 2 stores each
-    tile's ``z1, u, delta2`` for phases 3-5 instead of their recomputing them (two matmuls, the R1
-    sum and two state loads fewer per phase; not yet timed on a GPU).
+    recompute, backward) warps per program. ``stash`` (default on): the backward's phase 2 stores
+    each tile's ``z1, u, delta2`` for phases 3-5 instead of their recomputing them (two matmuls,
+    the R1 sum and two state loads fewer per phase: 4 % faster on an H200 at W1 shapes). The
+    defaults (4 tiles at hidden 256, 8 + 8 warps, stash) are the fastest configuration measured
+    there (``benchmarks/RESULTS.md``).
 
     The backward (:class:`TiledTritonMemory`) is the hand-written tiled backward of
     :func:`~titans_memory.ops.tiled.chunk_backward_depth2` as Triton kernels: five phases per
