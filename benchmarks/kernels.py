@@ -304,7 +304,10 @@ def run_bench(impls, lengths, max_step_s: float, device: str = "cuda") -> List[d
                 rows.append(dict(impl=impl, seq_len=T, tokens_per_s=msg, peak_gib="", device=device_name(), date=date))
                 stop = "skipped"
             step = None
-            if cuda:
+            if cuda:  # the captured backward graphs of impl="triton_tiled" hold buffers: not in the next row's peak
+                from titans_memory.ops.triton_tiled import clear_backward_graphs
+
+                clear_backward_graphs()
                 torch.cuda.empty_cache()
         if impl.startswith("ours_triton_fused"):
             import titans_memory.ops.fused as fused

@@ -38,6 +38,7 @@ from kernels import B, CHUNK, HEAD_DIM, HEADS, TOL, _inputs, _rel, _time_step, d
 from titans_memory.ops import neural_memory_chunked, neural_memory_triton  # noqa: E402
 from titans_memory.ops.mlp import MemoryMLPSpec  # noqa: E402
 from titans_memory.ops.triton_tiled import (  # noqa: E402
+    clear_backward_graphs,
     neural_memory_tiled_triton,
     neural_memory_tiled_triton_train,
 )
@@ -46,30 +47,33 @@ SPEC = MemoryMLPSpec("silu", residual=True)
 # (n_tiles, clip, precision, persistent[, bwd_tiles, bwd_warps, stash]; defaults n_tiles, 4, False).
 # bf16 operands are left out: on the H200 (Triton 3.6) the persistent backward with bf16 operands
 # stopped with an illegal memory access (2026-12-01), and that poisons the CUDA context of the run.
-CHECKED = [(4, 1.0, "tf32", True, 4, 8, True), (4, None, "tf32", True, 4, 8, True), (4, 1.0, "tf32", True, 4, 8)]
-TIMED = [(4, 1.0, "tf32", True, 4, 8, True)]  # the default (x4, 8 warps, stash); others: --timed
+CHECKED = [(4, 1.0, "tf32", True, 4, 8, True), (4, 1.0, "tf32", True, 4, 8, True, True),
+           (4, None, "tf32", True, 4, 8, True, True)]
+# the default (x4, 8 warps, stash) and its backward from a CUDA graph; others: --timed
+TIMED = [(4, 1.0, "tf32", True, 4, 8, True), (4, 1.0, "tf32", True, 4, 8, True, True)]
 # (head_dim, expansion, chunk) of the default-configuration check (impl="auto" uses the persistent
 # kernels there, in training and inference)
 SHAPES = [(64, 4, 64), (64, 2, 64), (32, 2, 32), (32, 4, 32), (16, 4, 16)]
 
 
 def _label(v) -> str:
-    n, clip, prec, pers, bt, bw, st = _full(v)
+    n, clip, prec, pers, bt, bw, st, gr = _full(v)
     bwd = f", bwd x{bt} {bw} warps" if (bt, bw) != (n, 4) else ""
-    return f"x{n} clip {clip} {prec} {'persistent' if pers else 'launch/phase'}{bwd}{', stash' if st else ''}"
+    return (f"x{n} clip {clip} {prec} {'persistent' if pers else 'launch/phase'}{bwd}{', stash' if st else ''}"
+            f"{', bwd graph' if gr else ''}")
 
 
 def _full(v):
-    """(n_tiles, clip, precision, persistent[, bwd_tiles, bwd_warps, stash]) with the defaults
-    filled in."""
+    """(n_tiles, clip, precision, persistent[, bwd_tiles, bwd_warps, stash, bwd_graph]) with the
+    defaults filled in."""
     n, clip, prec, pers = v[:4]
     return (n, clip, prec, pers, (v[4] if len(v) > 4 else n), (v[5] if len(v) > 5 else 4),
-            bool(v[6]) if len(v) > 6 else False)
+            bool(v[6]) if len(v) > 6 else False, bool(v[7]) if len(v) > 7 else False)
 
 
 def _run_variant(v, T, Bq=B, H=HEADS, seed=0, train=True):
     """One call of a variant at W1 head shapes; returns (outputs, grads or None)."""
-    n, clip, prec, pers, bt, bw, st = _full(v)
+    n, clip, prec, pers, bt, bw, st, gr = _full(v)
     args, W, S = _inputs(Bq, H, T, HEAD_DIM, 2, 4, torch.device("cuda"), seed=seed)
     x = [t.float().requires_grad_(train) for t in args + W + S]
     if not train:
@@ -79,7 +83,7 @@ def _run_variant(v, T, Bq=B, H=HEADS, seed=0, train=True):
         return [o, *Wt, *St], None
     o, Wt, St = neural_memory_tiled_triton_train(*x[:6], x[6:8], x[8:], SPEC, CHUNK, clip, n_tiles=n,
                                                  precision=prec, persistent=pers, check=True, bwd_tiles=bt,
-                                                 num_warps=(8, bw), stash=st)
+                                                 num_warps=(8, bw), stash=st, bwd_graph=gr)
     outs = [o, *Wt, *St]
     g = torch.Generator(device="cpu").manual_seed(99)
     cots = [torch.randn(t.shape, generator=g).cuda() for t in outs]
@@ -110,7 +114,7 @@ def check(variants, T=1008) -> bool:
     args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, torch.device("cuda"), seed=0)
     refs = {}
     for v in variants:
-        n, clip, prec, pers, _, _, _ = _full(v)
+        n, clip, prec, pers, _, _, _, graph = _full(v)
         t0 = time.perf_counter()
         try:
             if clip not in refs:  # the fp64 reference: outputs and gradients (same cotangents as _run_variant)
@@ -121,6 +125,8 @@ def check(variants, T=1008) -> bool:
                 cots = [torch.randn(t.shape, generator=g).cuda().double() for t in outs_ref]
                 refs[clip] = ([t.detach() for t in outs_ref], torch.autograd.grad(outs_ref, ref_in, cots))
             ref_outs, gref = refs[clip]
+            if graph:  # the checked gradients then come from replaying a graph captured on other inputs
+                _run_variant(v, T, seed=5, train=True)
             inf_outs, _ = _run_variant(v, T, train=False)
             e_fwd = max(_rel(a, b) for a, b in zip(inf_outs, ref_outs))
             outs, grads = _run_variant(v, T, train=True)
@@ -221,10 +227,10 @@ def timing(variants, lengths) -> list:
                 fwd = lambda: neural_memory_triton(*x[:6], x[6:8], x[8:], SPEC, CHUNK, 1.0)[0]  # noqa: E731
                 inf = fwd
             else:
-                n, clip, prec, pers, bt, bw, st = _full(v)
-                fwd = lambda n=n, c=clip, p=prec, q=pers, bt=bt, bw=bw, st=st: neural_memory_tiled_triton_train(  # noqa: E731
+                n, clip, prec, pers, bt, bw, st, gr = _full(v)
+                fwd = lambda n=n, c=clip, p=prec, q=pers, bt=bt, bw=bw, st=st, gr=gr: neural_memory_tiled_triton_train(  # noqa: E731
                     *x[:6], x[6:8], x[8:], SPEC, CHUNK, c, n_tiles=n, precision=p, persistent=q, bwd_tiles=bt,
-                    num_warps=(8, bw), stash=st)[0]
+                    num_warps=(8, bw), stash=st, bwd_graph=gr)[0]
                 inf = lambda n=n, c=clip, p=prec, q=pers: neural_memory_tiled_triton(  # noqa: E731
                     *x[:6], x[6:8], x[8:], SPEC, CHUNK, c, n_tiles=n, precision=p, persistent=q)[0]
             try:
@@ -238,6 +244,7 @@ def timing(variants, lengths) -> list:
                 rows.append(row)
             except Exception as exc:
                 print(f"| {name} | {T} | {type(exc).__name__}: {str(exc)[:200]} | | | | |", flush=True)
+            clear_backward_graphs()  # the next row's peak without this one's captured graph
             torch.cuda.empty_cache()
     return rows
 
@@ -276,52 +283,56 @@ def diag(T: int = 8192) -> None:
                   flush=True)
 
 
-def diag_bwd(T: int = 4096) -> None:
-    """GPU time of each of the five backward phases (``_bwd_chunk``), from the launch-per-phase
-    driver (the same phase code as the persistent kernel, without its barriers), W1 shapes, the
-    default tiling (x4, 8 warps, stash): which phase to work on. Per-launch CUDA events."""
-    import titans_memory.ops.triton_tiled as tt
+def _gpu_kernels(fn) -> list:
+    """(name, start us, duration us) of every GPU kernel ``fn`` launched, from the CUDA profiler
+    (CUPTI: GPU time only, whatever the CPU's launch gaps), in start order."""
+    from torch.profiler import ProfilerActivity, profile
 
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    ks = [(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in prof.events()
+          if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sorted(ks, key=lambda k: k[1])
+
+
+def diag_bwd(T_phases: int = 2048, T: int = 8192) -> None:
+    """Where the training step's GPU time goes, W1 shapes, the default tiling (x4, 8 warps, stash):
+    GPU time per kernel of one persistent forward + backward at ``T``, and per backward phase
+    (``_bwd_chunk``) from the launch-per-phase driver (the same phase code, without the barriers)
+    at ``T_phases``."""
     dev = torch.device("cuda")
-    args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, dev, seed=3)
-    x = [t.float().requires_grad_() for t in args + W + S]
-    cot = torch.randn(x[0].shape, device=dev)
-    kernel, events = tt._bwd_kernel, []
+    for T_, pers in ((T, True), (T_phases, False)):
+        args, W, S = _inputs(B, HEADS, T_, HEAD_DIM, 2, 4, dev, seed=3)
+        x = [t.float().requires_grad_() for t in args + W + S]
+        cot = torch.randn(x[0].shape, device=dev)
 
-    class Timed:  # stands in for the jitted kernel: grid[...](*args, PHASE=p, **meta) with events around it
-        def __getitem__(self, grid):
-            def launch(*a, **kw):
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                e0.record()
-                kernel[grid](*a, **kw)
-                e1.record()
-                events.append((kw["PHASE"], e0, e1))
-            return launch
+        def run():
+            o = neural_memory_tiled_triton_train(*x[:6], x[6:8], x[8:], SPEC, CHUNK, 1.0, persistent=pers)[0]
+            torch.autograd.grad(o, x[:6], cot)
 
-    def run():
-        o = neural_memory_tiled_triton_train(*x[:6], x[6:8], x[8:], SPEC, CHUNK, 1.0, persistent=False)[0]
-        torch.autograd.grad(o, x[:6], cot)
-
-    tt._bwd_kernel = Timed()
-    try:
         run()  # compile
         torch.cuda.synchronize()
-        events.clear()
-        run()
-        torch.cuda.synchronize()
-    finally:
-        tt._bwd_kernel = kernel
-    per = {}
-    for ph, e0, e1 in events:
-        per.setdefault(ph, []).append(e0.elapsed_time(e1))
-    total = sum(sum(v) for v in per.values())
-    n_chunks = -(-T // CHUNK)
-    print(f"\n# backward phases (launch per phase, x4, 8 warps, stash), T = {T}, W1 shapes, {device_name()}")
-    print("| phase | launches | us per chunk | share |")
-    print("|---|---|---|---|")
-    for ph in sorted(per):
-        print(f"| {ph} | {len(per[ph])} | {sum(per[ph]) * 1e3 / n_chunks:.1f} | {sum(per[ph]) / total:.0%} |")
-    print(f"| all | {sum(len(v) for v in per.values())} | {total * 1e3 / n_chunks:.1f} | 100% |", flush=True)
+        ks = _gpu_kernels(run)
+        n_chunks = -(-T_ // CHUNK)
+        total = sum(k[2] for k in ks)
+        groups = {}
+        bwd_i = 0
+        for name, _, us in ks:
+            if not pers and "_bwd_kernel" in name:  # launch per phase: phases 1..5 in turn, per chunk
+                name = f"_bwd_kernel phase {bwd_i % 5 + 1}"
+                bwd_i += 1
+            g = groups.setdefault(name[:60], [0, 0.0])
+            g[0] += 1
+            g[1] += us
+        mode = "persistent" if pers else "launch per phase"
+        print(f"\n# GPU time per kernel, {mode}, fwd+bwd, T = {T_}, W1 shapes (x4, 8 warps, stash), "
+              f"{device_name()}; wall span {(ks[-1][1] + ks[-1][2] - ks[0][1]) / 1e3:.2f} ms")
+        print("| kernel | launches | total ms | us per chunk | share |")
+        print("|---|---|---|---|---|")
+        for name, (n, us) in sorted(groups.items(), key=lambda g: -g[1][1]):
+            print(f"| {name} | {n} | {us / 1e3:.2f} | {us / n_chunks:.1f} | {us / total:.0%} |")
+        print(f"| all | {len(ks)} | {total / 1e3:.2f} | {total / n_chunks:.1f} | 100% |", flush=True)
 
 
 def ncu_one(which: str, T: int = 8192) -> None:
@@ -337,7 +348,7 @@ def main() -> int:
     p.add_argument("--lengths", default="2048,8192,32768")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--diag", action="store_true", help="forward-only timings with one knob changed at a time")
-    p.add_argument("--diag-bwd", action="store_true", help="GPU time of each backward phase")
+    p.add_argument("--diag-bwd", action="store_true", help="GPU time per kernel of a training step and per backward phase")
     p.add_argument("--timed", default=None, help="JSON list of timed variants (default: TIMED)")
     p.add_argument("--ncu-one", default=None, choices=("fwd", "train"), help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "kernels_persistent.json")

@@ -160,6 +160,14 @@ def test_persistent_refuses_several_tiles_under_the_interpreter():
         neural_memory_tiled_triton(*gates, W, S, MemoryMLPSpec(), CHUNK, None, n_tiles=2, persistent=True)
 
 
+def test_backward_graph_needs_cuda():
+    # the CUDA-graph backward (the default on CUDA) replays the same _backward_body the tests
+    # below run eagerly; without CUDA it is refused rather than silently run another way
+    gates, W, S = make_inputs(B=1, H=1, T=4)
+    with pytest.raises(ConfigError, match="CUDA"):
+        neural_memory_tiled_triton_train(*gates, W, S, MemoryMLPSpec(), CHUNK, None, n_tiles=1, bwd_graph=True)
+
+
 TRAIN_CASES = [(n, clip, MemoryMLPSpec("silu", True), False, False) for n in (1, 2, 4) for clip in (None, 0.05)]
 TRAIN_CASES.append((2, 0.05, MemoryMLPSpec("gelu", False), False, False))
 # the persistent kernels (forward, segment recompute, backward walk with barriers), one tile

@@ -7,7 +7,7 @@ memory-light checkpointed variant and the fused Triton kernels.
 ``impl``       implementation
 ============== =============================================================================
 ``"auto"``     on CUDA: ``"triton_tiled"`` where it covers the shapes (depth 2, head dim
-               16-64; training and inference); otherwise ``"triton"`` for CUDA
+               32-64, or 16-64 without gradients); otherwise ``"triton"`` for CUDA
                inputs it supports (depth 1-2, norm off, clipping on or off, fp32, chunk
                16/32/64, head_dim 16/32/64: see
                :func:`~titans_memory.ops.fused.triton_unsupported_reason`), else ``"torch"``;
@@ -22,8 +22,8 @@ memory-light checkpointed variant and the fused Triton kernels.
                hidden units over several programs (tiles of ``min(64, H / 2)`` units), on CUDA
                as persistent kernels with per-head
                barriers (:mod:`titans_memory.ops.triton_persistent_kernels`); depth 2 only;
-               checked on an H200 and the fastest there (layer fwd+bwd at 8k 0.43 vs
-               0.32 M tok/s, streaming 2.9 vs 1.6); chosen by ``"auto"``
+               checked on an H200 and the fastest there (layer fwd+bwd at 8k 0.59 vs
+               0.31 M tok/s, streaming 2.9 vs 1.6); chosen by ``"auto"``
 ============== =============================================================================
 
 :mod:`titans_memory.ops.tiled` (not dispatched) is the chunked form with a head's state split over
@@ -59,12 +59,14 @@ def _wants_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _tiled_auto_ok(q, weights, spec, chunk_size) -> bool:
+def _tiled_auto_ok(q, weights, spec, chunk_size, training: bool) -> bool:
     """Whether ``impl="auto"`` takes the persistent tiled kernels: CUDA, depth 2 and the head
-    shapes their GPU check covered (head dim 16-64, forward and backward,
-    ``benchmarks/kernels_persistent.py``). On an H200 they ran the W1 layer 1.34x the fused
-    kernels' speed in training and 1.9x in streaming inference (``benchmarks/RESULTS.md``)."""
-    if not (TRITON_AUTO and q.is_cuda and len(weights) == 2 and 16 <= q.shape[-1] <= 64) or not triton_available():
+    shapes their GPU check covered (``benchmarks/kernels_persistent.py``, H200): head dim 32-64 in
+    training, 16-64 without gradients (at head dim 16 the training check's worst gradient error,
+    1.9e-2, came too close to its 2e-2 bound). On the H200 they ran the W1 layer at 1.9x the fused
+    kernels' speed in training and in streaming inference (``benchmarks/RESULTS.md``)."""
+    lo = 32 if training else 16
+    if not (TRITON_AUTO and q.is_cuda and len(weights) == 2 and lo <= q.shape[-1] <= 64) or not triton_available():
         return False
     from .triton_tiled import default_n_tiles, tiled_triton_unsupported_reason
 
@@ -91,7 +93,8 @@ def neural_memory(
     ``impl``: ``"auto"``, ``"triton"``, ``"checkpointed"``, ``"torch"`` or ``"naive"`` (see the
     module docstring). All compute the same function; gradients flow to every tensor argument.
     """
-    if impl == "auto" and _tiled_auto_ok(q, weights, spec, chunk_size):
+    wants_grad = _wants_grad(q, k, v, theta, eta, alpha, *weights, *(momentum or ()))
+    if impl == "auto" and _tiled_auto_ok(q, weights, spec, chunk_size, training=wants_grad):
         impl = "triton_tiled"
     if impl == "auto":
         impl = "torch"
@@ -114,7 +117,7 @@ def neural_memory(
         from .triton_tiled import default_n_tiles, neural_memory_tiled_triton, neural_memory_tiled_triton_train
 
         n_tiles = default_n_tiles(weights[0].shape[-1])
-        if not _wants_grad(q, k, v, theta, eta, alpha, *weights, *(momentum or ())):
+        if not wants_grad:
             return neural_memory_tiled_triton(
                 q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size, max_update_norm, n_tiles=n_tiles)
         return neural_memory_tiled_triton_train(

@@ -6,7 +6,9 @@ chunk range, the tiles of a head synchronised by barriers,
 (:mod:`titans_memory.ops.triton_tiled_kernels`; the interpreter's path with several tiles). The
 specification is :mod:`titans_memory.ops.tiled`; the plan and the measurements are in
 ``docs/kernels.md`` and ``benchmarks/RESULTS.md``. ``impl="triton_tiled"`` of
-:func:`~titans_memory.ops.neural_memory`; ``impl="auto"`` uses the inference function on CUDA.
+:func:`~titans_memory.ops.neural_memory`; ``impl="auto"`` uses both on CUDA. In training on CUDA
+the forward and the backward's recompute are persistent, and the backward's walk runs launch per
+phase replayed from a CUDA graph (``bwd_graph``): the fastest combination measured.
 Checked on an H200 (``benchmarks/kernels_persistent.py``) and under ``TRITON_INTERPRET=1`` in CI.
 """
 
@@ -269,7 +271,7 @@ class _TrainCfg:
     """Static configuration of one training call (flat shapes, tiling, segments, driver)."""
 
     def __init__(self, BH, T, d, hid, spec, chunk, n_tiles, max_update_norm, segment_chunks, prec=PREC,
-                 persistent=False, check=True, bwd_tiles=None, num_warps=(8, 4), stash=False):
+                 persistent=False, check=True, bwd_tiles=None, num_warps=(8, 4), stash=False, bwd_graph=False):
         self.BH, self.T, self.d, self.hid = BH, T, d, hid
         self.prec = prec
         self.spec = spec
@@ -286,6 +288,8 @@ class _TrainCfg:
         self.CLIP = max_update_norm is not None
         self.clip = float(max_update_norm) if self.CLIP else 1.0
         self.persistent = persistent
+        # the backward walk launch per phase, replayed from a CUDA graph (persistent: forward only)
+        self.bwd_graph = bwd_graph
         self.check = check
         if max(self.n_seg, self.K) * BH * d * hid >= 2**31:
             raise ConfigError(f"{max(self.n_seg, self.K)} saved states of {BH} heads x {d} x {hid} exceed 2^31 "
@@ -323,7 +327,7 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
         BH, cfg.T, n0, n, cfg.n_chunks, n_hp, NT, cfg.clip, scr["P"][0].numel(), scr["DQ"][0].numel())
     meta = dict(BC=cfg.BC, D=cfg.d, F=cfg.hid, BF=cfg.BF, ACT=cfg.spec.activation, RES=bool(cfg.spec.residual),
                 CLIP=cfg.CLIP, PREC=cfg.prec, STASH=cfg.stash, num_warps=cfg.bwd_warps, num_stages=1)
-    if cfg.persistent:
+    if cfg.persistent and not cfg.bwd_graph:
         n_hp = head_programs(BH, NT, dev)
         cnt = torch.zeros(BH, device=dev, dtype=torch.int32)
         _bwd_kernel[(NT, n_hp)](*args(starts, c0, nc), PHASE=0, **meta)
@@ -399,25 +403,91 @@ class TiledTritonMemory(torch.autograd.Function):
     def backward(ctx, g_o, g_w1, g_s1, g_w2, g_s2):
         cfg = ctx.cfg
         qf, kf, vf, th, et, al, *ck = ctx.saved_tensors
-        xs, gates = (qf, kf, vf), (th, et, al)
         go = torch.zeros_like(qf) if g_o is None else g_o.float().contiguous()
-        adj = [torch.zeros_like(c[0]) if g is None else g.float().contiguous().clone()
+        adj = [torch.zeros_like(c[0]) if g is None else g.float().contiguous()
                for g, c in zip((g_w1, g_s1, g_w2, g_s2), ck)]
-        grads = [torch.empty_like(t) for t in (qf, kf, vf, th, et, al)]
-        err = torch.zeros(1, device=qf.device, dtype=torch.int32)
         with _device_of(qf):
-            scr = _backward_scratch(cfg, qf.device)
-            starts = [torch.empty(min(cfg.K, cfg.n_chunks), *c.shape[1:], device=c.device, dtype=c.dtype) for c in ck]
-            for s in range(cfg.n_seg - 1, -1, -1):
-                c0 = s * cfg.K
-                nc = min(cfg.K, cfg.n_chunks - c0)
-                _recompute_starts(cfg, xs, gates, [c[s] for c in ck], starts, c0, nc, err)
-                _backward_walk(cfg, xs, gates, go, starts, adj, scr, grads, c0, nc, err)
-            _bwd_rows_kernel[(cfg.BH,)](scr["DQ"][0], scr["DK"][0], grads[0], grads[1], cfg.T, 0, cfg.NT,
-                                        BC=cfg.BC, D=cfg.d, num_warps=4, num_stages=1)
+            if cfg.bwd_graph:
+                grads, adj, err = _graphed_backward(cfg, (qf, kf, vf), (th, et, al), go, ck, adj)
+            else:
+                grads, adj, err = _backward_body(cfg, (qf, kf, vf), (th, et, al), go, ck, [a.clone() for a in adj])
         if cfg.check:
             check_barriers(err)
         return (None, *grads, *adj)
+
+
+def _backward_body(cfg: _TrainCfg, xs, gates, go, ck, adj):
+    """The whole backward: segments in reverse, each recomputed (:func:`_recompute_starts`) and
+    walked (:func:`_backward_walk`); ``adj`` (the final state's cotangent) is overwritten with the
+    initial state's. Returns ``(grads of q, k, v, theta, eta, alpha; adj; barrier error count)``.
+    Launches only (no host sync), so it can be captured in a CUDA graph."""
+    qf = xs[0]
+    grads = [torch.empty_like(t) for t in (*xs, *gates)]
+    err = torch.zeros(1, device=qf.device, dtype=torch.int32)
+    scr = _backward_scratch(cfg, qf.device)
+    starts = [torch.empty(min(cfg.K, cfg.n_chunks), *c.shape[1:], device=c.device, dtype=c.dtype) for c in ck]
+    for s in range(cfg.n_seg - 1, -1, -1):
+        c0 = s * cfg.K
+        nc = min(cfg.K, cfg.n_chunks - c0)
+        _recompute_starts(cfg, xs, gates, [c[s] for c in ck], starts, c0, nc, err)
+        _backward_walk(cfg, xs, gates, go, starts, adj, scr, grads, c0, nc, err)
+    _bwd_rows_kernel[(cfg.BH,)](scr["DQ"][0], scr["DK"][0], grads[0], grads[1], cfg.T, 0, cfg.NT,
+                                BC=cfg.BC, D=cfg.d, num_warps=4, num_stages=1)
+    return grads, adj, err
+
+
+class _BackwardGraph:
+    """:func:`_backward_body` of one configuration captured in a CUDA graph, with static input
+    buffers: a call copies the inputs in, replays the graph and returns copies of the outputs.
+    The launch-per-phase backward issues about 5 launches per chunk; replayed from a graph their
+    CPU cost (tens of microseconds each through Triton's launcher) goes away, leaving GPU time."""
+
+    def __init__(self, cfg: _TrainCfg, xs, gates, go, ck, adj):
+        self.inputs = [t.clone() for t in (*xs, *gates, go, *ck, *adj)]
+        side = torch.cuda.Stream(device=xs[0].device)
+        side.wait_stream(torch.cuda.current_stream(xs[0].device))
+        with torch.cuda.stream(side):  # compile and warm every kernel outside the capture
+            self._body(cfg)
+        torch.cuda.current_stream(xs[0].device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = self._body(cfg)
+
+    def _body(self, cfg):
+        xs, gates, go, ck, adj = self.inputs[:3], self.inputs[3:6], self.inputs[6], self.inputs[7:11], self.inputs[11:]
+        adj = [a.clone() for a in adj]
+        grads, adj, err = _backward_body(cfg, xs, gates, go, ck, adj)
+        return [*grads, *adj, err]
+
+    def __call__(self, xs, gates, go, ck, adj):
+        for dst, src in zip(self.inputs, (*xs, *gates, go, *ck, *adj)):
+            dst.copy_(src)
+        self.graph.replay()
+        out = [t.clone() for t in self.outputs]
+        return out[:6], out[6:10], out[10]
+
+
+# at most this many captured backward graphs are kept (each holds its buffers); least recent out
+GRAPH_CACHE_SIZE = 2
+_GRAPHS: "dict[tuple, _BackwardGraph]" = {}
+
+
+def clear_backward_graphs() -> None:
+    """Drop the captured backward graphs and their buffers (``bwd_graph=True``), e.g. after
+    training at one sequence length before another, or before measuring peak memory."""
+    _GRAPHS.clear()
+
+
+def _graphed_backward(cfg: _TrainCfg, xs, gates, go, ck, adj):
+    key = (xs[0].device, tuple(xs[0].shape), cfg.hid, cfg.spec, cfg.BC, cfg.NT_fwd, cfg.NT, cfg.K, cfg.CLIP,
+           cfg.clip, cfg.prec, cfg.persistent, cfg.fwd_warps, cfg.bwd_warps, cfg.stash)
+    graph = _GRAPHS.pop(key, None)
+    if graph is None:
+        while len(_GRAPHS) >= GRAPH_CACHE_SIZE:
+            _GRAPHS.pop(next(iter(_GRAPHS)))
+        graph = _BackwardGraph(cfg, xs, gates, go, ck, adj)
+    _GRAPHS[key] = graph  # most recent last
+    return graph(xs, gates, go, ck, adj)
 
 
 def neural_memory_tiled_triton_train(
@@ -440,6 +510,7 @@ def neural_memory_tiled_triton_train(
     bwd_tiles: Optional[int] = None,
     num_warps: Tuple[int, int] = (8, 8),
     stash: bool = True,
+    bwd_graph: Optional[bool] = None,
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """Differentiable twin of :func:`neural_memory_tiled_triton` (depth 2, same coverage and
     requirements, same result): gradients flow to ``q, k, v, theta, eta, alpha``, ``weights`` and
@@ -456,7 +527,10 @@ def neural_memory_tiled_triton_train(
     each tile's ``z1, u, delta2`` for phases 3-5 instead of their recomputing them (two matmuls,
     the R1 sum and two state loads fewer per phase: 4 % faster on an H200 at W1 shapes). The
     defaults (4 tiles at hidden 256, 8 + 8 warps, stash) are the fastest configuration measured
-    there (``benchmarks/RESULTS.md``).
+    there (``benchmarks/RESULTS.md``). ``bwd_graph`` (CUDA only; ``None``: on CUDA): the
+    backward's walk runs launch per phase (no barriers), the whole backward captured once per
+    configuration in a CUDA graph and replayed (``GRAPH_CACHE_SIZE`` graphs kept, each with its
+    own buffers).
 
     The backward (:class:`TiledTritonMemory`) is the hand-written tiled backward of
     :func:`~titans_memory.ops.tiled.chunk_backward_depth2` as Triton kernels: five phases per
@@ -505,8 +579,12 @@ def neural_memory_tiled_triton_train(
         if reason is not None:
             raise ConfigError(f"bwd_tiles: neural_memory_tiled_triton_train does not cover {reason}")
     persistent = resolve_persistent(persistent, max(n_tiles, bwd_tiles or 1), q.device)
+    if bwd_graph and not q.is_cuda:
+        raise ConfigError("bwd_graph=True needs CUDA tensors (CUDA graphs); the interpreter runs without it")
+    bwd_graph = bool(bwd_graph) if bwd_graph is not None else q.is_cuda
     cfg = _TrainCfg(BH, T, d, hid, spec, chunk_size, n_tiles, max_update_norm, segment_chunks, precision,
-                    persistent=persistent, check=check, bwd_tiles=bwd_tiles, num_warps=num_warps, stash=stash)
+                    persistent=persistent, check=check, bwd_tiles=bwd_tiles, num_warps=num_warps, stash=stash,
+                    bwd_graph=bwd_graph)
     xs = [t.reshape(BH, T, d).to(f32).contiguous() for t in (q, k, v)]
     gates = [t.reshape(BH, T).to(f32).contiguous() for t in (theta, eta, alpha)]
     st = [t.reshape(BH, *t.shape[2:]).to(f32).contiguous() for t in (W[0], S[0], W[1], S[1])]
