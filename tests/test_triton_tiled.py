@@ -168,6 +168,41 @@ def test_backward_graph_needs_cuda():
         neural_memory_tiled_triton_train(*gates, W, S, MemoryMLPSpec(), CHUNK, None, n_tiles=1, bwd_graph=True)
 
 
+def test_backward_graph_cache_captures_at_second_sighting_and_evicts(monkeypatch):
+    # the cache policy of the CUDA-graph backward, with the capture replaced by a stub (no CUDA
+    # here): eager at a configuration's first backward, captured at its second, replayed after,
+    # at most GRAPH_CACHE_SIZE kept (least recently used out)
+    import titans_memory.ops.triton_tiled as tt
+
+    built = []
+
+    class StubGraph:
+        def __init__(self, cfg, *args):
+            built.append(cfg.T)
+            self.calls = 0
+
+        def __call__(self, *args):
+            self.calls += 1
+            return "replayed"
+
+    monkeypatch.setattr(tt, "_BackwardGraph", StubGraph)
+    tt.clear_backward_graphs()
+    x = torch.zeros(2, 1, 4)
+
+    def call(T):
+        cfg = tt._TrainCfg(2, T, 4, 8, MemoryMLPSpec(), 16, 1, None, None, bwd_graph=True)
+        return tt._graphed_backward(cfg, (x.expand(2, T, 4),) * 3, None, None, None, None)
+
+    assert call(32) is None and built == []            # first sighting: eager
+    assert call(32) == "replayed" and built == [32]     # second: captured and replayed
+    assert call(32) == "replayed" and built == [32]     # then replayed from the cache
+    call(48), call(48), call(64), call(64)              # two more shapes: 32 is evicted (size 2)
+    assert built == [32, 48, 64] and len(tt._GRAPHS) == tt.GRAPH_CACHE_SIZE
+    assert call(32) == "replayed" and built == [32, 48, 64, 32]  # seen before: captured again
+    tt.clear_backward_graphs()
+    assert not tt._GRAPHS and not tt._SEEN
+
+
 TRAIN_CASES = [(n, clip, MemoryMLPSpec("silu", True), False, False) for n in (1, 2, 4) for clip in (None, 0.05)]
 TRAIN_CASES.append((2, 0.05, MemoryMLPSpec("gelu", False), False, False))
 # the persistent kernels (forward, segment recompute, backward walk with barriers), one tile

@@ -14,6 +14,7 @@ Checked on an H200 (``benchmarks/kernels_persistent.py``) and under ``TRITON_INT
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -407,10 +408,13 @@ class TiledTritonMemory(torch.autograd.Function):
         adj = [torch.zeros_like(c[0]) if g is None else g.float().contiguous()
                for g, c in zip((g_w1, g_s1, g_w2, g_s2), ck)]
         with _device_of(qf):
-            if cfg.bwd_graph:
-                grads, adj, err = _graphed_backward(cfg, (qf, kf, vf), (th, et, al), go, ck, adj)
+            graphed = _graphed_backward(cfg, (qf, kf, vf), (th, et, al), go, ck, adj) if cfg.bwd_graph else None
+            if graphed is not None:
+                grads, adj, err = graphed
             else:
-                grads, adj, err = _backward_body(cfg, (qf, kf, vf), (th, et, al), go, ck, [a.clone() for a in adj])
+                eager = copy.copy(cfg)
+                eager.bwd_graph = False
+                grads, adj, err = _backward_body(eager, (qf, kf, vf), (th, et, al), go, ck, [a.clone() for a in adj])
         if cfg.check:
             check_barriers(err)
         return (None, *grads, *adj)
@@ -450,7 +454,9 @@ class _BackwardGraph:
             self._body(cfg)
         torch.cuda.current_stream(xs[0].device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: only this (autograd) thread's unsafe calls are refused during the capture,
+        # not those of other threads such as a DDP communication thread
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.outputs = self._body(cfg)
 
     def _body(self, cfg):
@@ -470,19 +476,31 @@ class _BackwardGraph:
 # at most this many captured backward graphs are kept (each holds its buffers); least recent out
 GRAPH_CACHE_SIZE = 2
 _GRAPHS: "dict[tuple, _BackwardGraph]" = {}
+# configurations seen once: a graph is captured at the second backward of a configuration, so
+# shapes that occur once (a last partial batch, varying lengths) run eagerly instead of paying a
+# capture each
+_SEEN: "dict[tuple, None]" = {}
 
 
 def clear_backward_graphs() -> None:
     """Drop the captured backward graphs and their buffers (``bwd_graph=True``), e.g. after
     training at one sequence length before another, or before measuring peak memory."""
     _GRAPHS.clear()
+    _SEEN.clear()
 
 
 def _graphed_backward(cfg: _TrainCfg, xs, gates, go, ck, adj):
+    """The backward from the cached graph of ``cfg``'s configuration, captured now if this is
+    its second sighting; ``None`` at the first (the caller then runs it eagerly)."""
     key = (xs[0].device, tuple(xs[0].shape), cfg.hid, cfg.spec, cfg.BC, cfg.NT_fwd, cfg.NT, cfg.K, cfg.CLIP,
            cfg.clip, cfg.prec, cfg.persistent, cfg.fwd_warps, cfg.bwd_warps, cfg.stash)
     graph = _GRAPHS.pop(key, None)
     if graph is None:
+        if key not in _SEEN:  # first sighting: None -> the caller runs the backward eagerly
+            _SEEN[key] = None
+            while len(_SEEN) > 64:
+                _SEEN.pop(next(iter(_SEEN)))
+            return None
         while len(_GRAPHS) >= GRAPH_CACHE_SIZE:
             _GRAPHS.pop(next(iter(_GRAPHS)))
         graph = _BackwardGraph(cfg, xs, gates, go, ck, adj)
