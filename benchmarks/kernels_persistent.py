@@ -153,8 +153,8 @@ def check(variants, T=1008) -> bool:
 def check_shapes() -> bool:
     """The persistent kernels with their default configuration (what ``impl="auto"`` runs) against
     the chunked form in fp64 at the head shapes ``impl="auto"`` sends to them: the forward without
-    gradients, and forward + backward (outputs, final state, all ten gradients); T = 1000,
-    B 2 x 4 heads, clip 1.0."""
+    gradients, and forward + backward (outputs, final state, all ten gradients; the backward
+    replayed from its CUDA graph); T = 1000, B 2 x 4 heads, clip 1.0."""
     from titans_memory.ops.triton_tiled import default_n_tiles
 
     ok = True
@@ -175,6 +175,11 @@ def check_shapes() -> bool:
                 o, Wt, St = neural_memory_tiled_triton(*x[:6], x[6:8], x[8:], SPEC, c, 1.0, n_tiles=n,
                                                        persistent=True, check=True)
             e_inf = max(_rel(a, b) for a, b in zip([o, *Wt, *St], refs))
+            # a first backward of this configuration on other inputs (run eagerly), so that the
+            # checked one below is captured into a CUDA graph and replayed (the default on CUDA)
+            y = [(t.detach() + 0.01).requires_grad_() for t in x]
+            oy = neural_memory_tiled_triton_train(*y[:6], y[6:8], y[8:], SPEC, c, 1.0, n_tiles=n, persistent=True)
+            torch.autograd.grad(oy[0].sum(), y)
             o, Wt, St = neural_memory_tiled_triton_train(*x[:6], x[6:8], x[8:], SPEC, c, 1.0, n_tiles=n,
                                                          persistent=True, check=True)
             grads = torch.autograd.grad([o, *Wt, *St], x, [t.float() for t in cots])
