@@ -171,7 +171,8 @@ def test_backward_graph_needs_cuda():
 def test_backward_graph_cache_captures_at_second_sighting_and_evicts(monkeypatch):
     # the cache policy of the CUDA-graph backward, with the capture replaced by a stub (no CUDA
     # here): eager at a configuration's first backward, captured at its second, replayed after,
-    # at most GRAPH_CACHE_SIZE kept (least recently used out)
+    # at most GRAPH_CACHE_SIZE kept (least recently used out; an evicted configuration runs
+    # eagerly from then on)
     import titans_memory.ops.triton_tiled as tt
 
     built = []
@@ -198,9 +199,11 @@ def test_backward_graph_cache_captures_at_second_sighting_and_evicts(monkeypatch
     assert call(32) == "replayed" and built == [32]     # then replayed from the cache
     call(48), call(48), call(64), call(64)              # two more shapes: 32 is evicted (size 2)
     assert built == [32, 48, 64] and len(tt._GRAPHS) == tt.GRAPH_CACHE_SIZE
-    assert call(32) == "replayed" and built == [32, 48, 64, 32]  # seen before: captured again
+    assert call(32) is None and built == [32, 48, 64]   # evicted before: eager from then on
+    assert call(64) == "replayed" and built == [32, 48, 64]
     tt.clear_backward_graphs()
-    assert not tt._GRAPHS and not tt._SEEN
+    assert not tt._GRAPHS and not tt._SEEN and not tt._EVICTED
+    assert call(32) is None and call(32) == "replayed" and built == [32, 48, 64, 32]
 
 
 TRAIN_CASES = [(n, clip, MemoryMLPSpec("silu", True), False, False) for n in (1, 2, 4) for clip in (None, 0.05)]

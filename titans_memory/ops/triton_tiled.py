@@ -478,8 +478,10 @@ GRAPH_CACHE_SIZE = 2
 _GRAPHS: "dict[tuple, _BackwardGraph]" = {}
 # configurations seen once: a graph is captured at the second backward of a configuration, so
 # shapes that occur once (a last partial batch, varying lengths) run eagerly instead of paying a
-# capture each
+# capture each; configurations whose graph was evicted run eagerly from then on (no capture
+# thrash when a model cycles through more configurations than the cache holds)
 _SEEN: "dict[tuple, None]" = {}
+_EVICTED: "dict[tuple, None]" = {}
 
 
 def clear_backward_graphs() -> None:
@@ -487,6 +489,7 @@ def clear_backward_graphs() -> None:
     training at one sequence length before another, or before measuring peak memory."""
     _GRAPHS.clear()
     _SEEN.clear()
+    _EVICTED.clear()
 
 
 def _graphed_backward(cfg: _TrainCfg, xs, gates, go, ck, adj):
@@ -496,13 +499,17 @@ def _graphed_backward(cfg: _TrainCfg, xs, gates, go, ck, adj):
            cfg.clip, cfg.prec, cfg.persistent, cfg.fwd_warps, cfg.bwd_warps, cfg.stash)
     graph = _GRAPHS.pop(key, None)
     if graph is None:
+        if key in _EVICTED:
+            return None
         if key not in _SEEN:  # first sighting: None -> the caller runs the backward eagerly
             _SEEN[key] = None
             while len(_SEEN) > 64:
                 _SEEN.pop(next(iter(_SEEN)))
             return None
         while len(_GRAPHS) >= GRAPH_CACHE_SIZE:
-            _GRAPHS.pop(next(iter(_GRAPHS)))
+            oldest = next(iter(_GRAPHS))
+            del _GRAPHS[oldest]
+            _EVICTED[oldest] = None
         graph = _BackwardGraph(cfg, xs, gates, go, ck, adj)
     _GRAPHS[key] = graph  # most recent last
     return graph(xs, gates, go, ck, adj)
@@ -548,7 +555,9 @@ def neural_memory_tiled_triton_train(
     there (``benchmarks/RESULTS.md``). ``bwd_graph`` (CUDA only; ``None``: on CUDA): the
     backward's walk runs launch per phase (no barriers), the whole backward captured once per
     configuration in a CUDA graph and replayed (``GRAPH_CACHE_SIZE`` graphs kept, each with its
-    own buffers).
+    own buffers; captured at a configuration's second backward, the first runs the persistent
+    backward, as does a configuration whose graph was evicted; ``clear_backward_graphs()`` frees
+    them).
 
     The backward (:class:`TiledTritonMemory`) is the hand-written tiled backward of
     :func:`~titans_memory.ops.tiled.chunk_backward_depth2` as Triton kernels: five phases per
