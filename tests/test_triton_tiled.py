@@ -205,6 +205,17 @@ def test_backward_graph_cache_captures_at_second_sighting_and_evicts(monkeypatch
     assert not tt._GRAPHS and not tt._SEEN and not tt._EVICTED
     assert call(32) is None and call(32) == "replayed" and built == [32, 48, 64, 32]
 
+    class FailingCapture:
+        def __init__(self, *args):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(tt, "_BackwardGraph", FailingCapture)
+    assert call(96) is None
+    with pytest.warns(RuntimeWarning, match="capture"):
+        assert call(96) is None                           # capture failed: eager, with a warning
+    assert call(96) is None and (2, 96, 4) in [k[1] for k in tt._EVICTED]  # and no retry
+    tt.clear_backward_graphs()
+
 
 TRAIN_CASES = [(n, clip, MemoryMLPSpec("silu", True), False, False) for n in (1, 2, 4) for clip in (None, 0.05)]
 TRAIN_CASES.append((2, 0.05, MemoryMLPSpec("gelu", False), False, False))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -510,7 +511,13 @@ def _graphed_backward(cfg: _TrainCfg, xs, gates, go, ck, adj):
             oldest = next(iter(_GRAPHS))
             del _GRAPHS[oldest]
             _EVICTED[oldest] = None
-        graph = _BackwardGraph(cfg, xs, gates, go, ck, adj)
+        try:
+            graph = _BackwardGraph(cfg, xs, gates, go, ck, adj)
+        except RuntimeError as exc:  # e.g. a CUDA call another library makes during the capture
+            warnings.warn(f"the CUDA-graph capture of the tiled memory backward failed ({exc}); this "
+                          "configuration runs the persistent backward from now on", RuntimeWarning, stacklevel=2)
+            _EVICTED[key] = None
+            return None
     _GRAPHS[key] = graph  # most recent last
     return graph(xs, gates, go, ck, adj)
 
