@@ -180,10 +180,8 @@ def test_backward_graph_cache_captures_at_second_sighting_and_evicts(monkeypatch
     class StubGraph:
         def __init__(self, cfg, *args):
             built.append(cfg.T)
-            self.calls = 0
 
         def __call__(self, *args):
-            self.calls += 1
             return "replayed"
 
     monkeypatch.setattr(tt, "_BackwardGraph", StubGraph)

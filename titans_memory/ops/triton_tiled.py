@@ -14,7 +14,6 @@ Checked on an H200 (``benchmarks/kernels_persistent.py``) and under ``TRITON_INT
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from typing import List, Optional, Sequence, Tuple
@@ -312,12 +311,13 @@ def _backward_scratch(cfg: _TrainCfg, dev) -> dict:
     return {name: torch.zeros(shape, device=dev, dtype=f32) for name, shape in shapes.items()}
 
 
-def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: int, nc: int, err) -> None:
+def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: int, nc: int, err,
+                   per_phase: bool) -> None:
     """The backward of chunks ``c0 + nc - 1 .. c0`` (in that order); ``starts`` (four ``[K, BH, ..]``
     tensors) hold their chunk-start states in slots ``0 .. nc - 1``; ``adj`` (the adjoint of the
     state after chunk ``c0 + nc - 1``) is overwritten with that of the state before chunk ``c0``.
-    Persistent: one launch with barriers; else 5 launches per chunk of the same kernel, one phase
-    each."""
+    ``cfg.persistent`` and not ``per_phase``: one launch with barriers; else 5 launches per chunk
+    of the same kernel, one phase each (``per_phase``: for the CUDA-graph backward)."""
     dq, dk, dv, dth, det, dal = grads
     BH, NT = cfg.BH, cfg.NT
     dev = xs[0].device
@@ -329,7 +329,7 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
         BH, cfg.T, n0, n, cfg.n_chunks, n_hp, NT, cfg.clip, scr["P"][0].numel(), scr["DQ"][0].numel())
     meta = dict(BC=cfg.BC, D=cfg.d, F=cfg.hid, BF=cfg.BF, ACT=cfg.spec.activation, RES=bool(cfg.spec.residual),
                 CLIP=cfg.CLIP, PREC=cfg.prec, STASH=cfg.stash, num_warps=cfg.bwd_warps, num_stages=1)
-    if cfg.persistent and not cfg.bwd_graph:
+    if cfg.persistent and not per_phase:
         n_hp = head_programs(BH, NT, dev)
         cnt = torch.zeros(BH, device=dev, dtype=torch.int32)
         _bwd_kernel[(NT, n_hp)](*args(starts, c0, nc), PHASE=0, **meta)
@@ -413,18 +413,16 @@ class TiledTritonMemory(torch.autograd.Function):
             if graphed is not None:
                 grads, adj, err = graphed
             else:
-                eager = copy.copy(cfg)
-                eager.bwd_graph = False
-                grads, adj, err = _backward_body(eager, (qf, kf, vf), (th, et, al), go, ck, [a.clone() for a in adj])
+                grads, adj, err = _backward_body(cfg, (qf, kf, vf), (th, et, al), go, ck, [a.clone() for a in adj])
         if cfg.check:
             check_barriers(err)
         return (None, *grads, *adj)
 
 
-def _backward_body(cfg: _TrainCfg, xs, gates, go, ck, adj):
+def _backward_body(cfg: _TrainCfg, xs, gates, go, ck, adj, per_phase: bool = False):
     """The whole backward: segments in reverse, each recomputed (:func:`_recompute_starts`) and
-    walked (:func:`_backward_walk`); ``adj`` (the final state's cotangent) is overwritten with the
-    initial state's. Returns ``(grads of q, k, v, theta, eta, alpha; adj; barrier error count)``.
+    walked (:func:`_backward_walk`, ``per_phase`` as there); ``adj`` (the final state's cotangent)
+    is overwritten with the initial state's. Returns ``(grads of q, k, v, theta, eta, alpha; adj; barrier error count)``.
     Launches only (no host sync), so it can be captured in a CUDA graph."""
     qf = xs[0]
     grads = [torch.empty_like(t) for t in (*xs, *gates)]
@@ -435,7 +433,7 @@ def _backward_body(cfg: _TrainCfg, xs, gates, go, ck, adj):
         c0 = s * cfg.K
         nc = min(cfg.K, cfg.n_chunks - c0)
         _recompute_starts(cfg, xs, gates, [c[s] for c in ck], starts, c0, nc, err)
-        _backward_walk(cfg, xs, gates, go, starts, adj, scr, grads, c0, nc, err)
+        _backward_walk(cfg, xs, gates, go, starts, adj, scr, grads, c0, nc, err, per_phase)
     _bwd_rows_kernel[(cfg.BH,)](scr["DQ"][0], scr["DK"][0], grads[0], grads[1], cfg.T, 0, cfg.NT,
                                 BC=cfg.BC, D=cfg.d, num_warps=4, num_stages=1)
     return grads, adj, err
@@ -462,8 +460,7 @@ class _BackwardGraph:
 
     def _body(self, cfg):
         xs, gates, go, ck, adj = self.inputs[:3], self.inputs[3:6], self.inputs[6], self.inputs[7:11], self.inputs[11:]
-        adj = [a.clone() for a in adj]
-        grads, adj, err = _backward_body(cfg, xs, gates, go, ck, adj)
+        grads, adj, err = _backward_body(cfg, xs, gates, go, ck, adj, per_phase=True)
         return [*grads, *adj, err]
 
     def __call__(self, xs, gates, go, ck, adj):
