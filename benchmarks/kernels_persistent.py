@@ -60,7 +60,7 @@ def _label(v) -> str:
     n, clip, prec, pers, bt, bw, st, gr = _full(v)
     bwd = f", bwd x{bt} {bw} warps" if (bt, bw) != (n, 4) else ""
     return (f"x{n} clip {clip} {prec} {'persistent' if pers else 'launch/phase'}{bwd}{', stash' if st else ''}"
-            f"{', bwd graph' if gr else ''}")
+            f"{(', bwd graph, segment walk' if st else ', bwd graph') if gr else ''}")
 
 
 def _full(v):
@@ -69,6 +69,11 @@ def _full(v):
     n, clip, prec, pers = v[:4]
     return (n, clip, prec, pers, (v[4] if len(v) > 4 else n), (v[5] if len(v) > 5 else 4),
             bool(v[6]) if len(v) > 6 else False, bool(v[7]) if len(v) > 7 else False)
+
+
+def _warps(bw) -> tuple:
+    """``num_warps`` of the training call: ``bw`` is the backward's (an int) or [walk, pre-pass]."""
+    return (8, *bw) if isinstance(bw, (list, tuple)) else (8, bw)
 
 
 def _run_variant(v, T, Bq=B, H=HEADS, seed=0, train=True):
@@ -83,7 +88,7 @@ def _run_variant(v, T, Bq=B, H=HEADS, seed=0, train=True):
         return [o, *Wt, *St], None
     o, Wt, St = neural_memory_tiled_triton_train(*x[:6], x[6:8], x[8:], SPEC, CHUNK, clip, n_tiles=n,
                                                  precision=prec, persistent=pers, check=True, bwd_tiles=bt,
-                                                 num_warps=(8, bw), stash=st, bwd_graph=gr)
+                                                 num_warps=_warps(bw), stash=st, bwd_graph=gr)
     outs = [o, *Wt, *St]
     g = torch.Generator(device="cpu").manual_seed(99)
     cots = [torch.randn(t.shape, generator=g).cuda() for t in outs]
@@ -100,8 +105,9 @@ def warm(variants) -> None:
 
 
 def warm_one(v) -> None:
-    v = tuple(v)
-    _run_variant(v, 200, Bq=1, H=2, train=True)
+    v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+    for _ in range(2 if _full(v)[7] else 1):  # with the graph backward: the second call captures it
+        _run_variant(v, 200, Bq=1, H=2, train=True)
     _run_variant(v, 200, Bq=1, H=2, train=False)
     torch.cuda.synchronize()
 
@@ -235,7 +241,7 @@ def timing(variants, lengths) -> list:
                 n, clip, prec, pers, bt, bw, st, gr = _full(v)
                 fwd = lambda n=n, c=clip, p=prec, q=pers, bt=bt, bw=bw, st=st, gr=gr: neural_memory_tiled_triton_train(  # noqa: E731
                     *x[:6], x[6:8], x[8:], SPEC, CHUNK, c, n_tiles=n, precision=p, persistent=q, bwd_tiles=bt,
-                    num_warps=(8, bw), stash=st, bwd_graph=gr)[0]
+                    num_warps=_warps(bw), stash=st, bwd_graph=gr)[0]
                 inf = lambda n=n, c=clip, p=prec, q=pers: neural_memory_tiled_triton(  # noqa: E731
                     *x[:6], x[6:8], x[8:], SPEC, CHUNK, c, n_tiles=n, precision=p, persistent=q)[0]
             try:
@@ -301,43 +307,49 @@ def _gpu_kernels(fn) -> list:
     return sorted(ks, key=lambda k: k[1])
 
 
-def diag_bwd(T_phases: int = 2048, T: int = 8192) -> None:
-    """Where the training step's GPU time goes, W1 shapes, the default tiling (x4, 8 warps, stash):
-    GPU time per kernel of one persistent forward + backward at ``T``, and per backward phase
-    (``_bwd_chunk``) from the launch-per-phase driver (the same phase code, without the barriers)
-    at ``T_phases``."""
-    dev = torch.device("cuda")
-    for T_, pers in ((T, True), (T_phases, False)):
-        args, W, S = _inputs(B, HEADS, T_, HEAD_DIM, 2, 4, dev, seed=3)
-        x = [t.float().requires_grad_() for t in args + W + S]
-        cot = torch.randn(x[0].shape, device=dev)
+SEG_PHASES = ["1 keys (all chunks)", "2 norms, stash (all chunks)", "3 retrieval (all chunks)",
+              "2a adjoint gate terms", "4 coefficients", "5 state adjoint"]
 
+
+def diag_bwd(T: int = 8192) -> None:
+    """Where the training step's GPU time goes, W1 shapes, the default tiling (x4, 8 warps, stash):
+    GPU time per kernel of one forward + backward at ``T``, with the persistent backward and with
+    the CUDA-graph backward (the segment walk; its phases told apart by their launch order)."""
+    dev = torch.device("cuda")
+    args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, dev, seed=3)
+    x = [t.float().requires_grad_() for t in args + W + S]
+    cot = torch.randn(x[0].shape, device=dev)
+    for graph in (False, True):
         def run():
-            o = neural_memory_tiled_triton_train(*x[:6], x[6:8], x[8:], SPEC, CHUNK, 1.0, persistent=pers)[0]
+            o = neural_memory_tiled_triton_train(*x[:6], x[6:8], x[8:], SPEC, CHUNK, 1.0, bwd_graph=graph)[0]
             torch.autograd.grad(o, x[:6], cot)
 
-        run()  # compile
+        for _ in range(3):  # compile; with the graph: first sighting eager, second captures
+            run()
         torch.cuda.synchronize()
         ks = _gpu_kernels(run)
-        n_chunks = -(-T_ // CHUNK)
+        n_chunks = -(-T // CHUNK)
         total = sum(k[2] for k in ks)
         groups = {}
-        bwd_i = 0
+        seg_i = 0
         for name, _, us in ks:
-            if not pers and "_bwd_kernel" in name:  # launch per phase: phases 1..5 in turn, per chunk
-                name = f"_bwd_kernel phase {bwd_i % 5 + 1}"
-                bwd_i += 1
-            g = groups.setdefault(name[:60], [0, 0.0])
+            if "_bwd_segment_kernel" in name:  # per segment: 3 launches over its chunks, then 3 per chunk
+                name = f"_bwd_segment_kernel phase {SEG_PHASES[seg_i if seg_i < 3 else 3 + (seg_i - 3) % 3]}"
+                seg_i += 1
+            else:
+                seg_i = 0
+            g = groups.setdefault(name[:72], [0, 0.0])
             g[0] += 1
             g[1] += us
-        mode = "persistent" if pers else "launch per phase"
-        print(f"\n# GPU time per kernel, {mode}, fwd+bwd, T = {T_}, W1 shapes (x4, 8 warps, stash), "
+        mode = "CUDA-graph backward (segment walk)" if graph else "persistent backward"
+        print(f"\n# GPU time per kernel, {mode}, fwd+bwd, T = {T}, W1 shapes (x4, 8 warps, stash), "
               f"{device_name()}; wall span {(ks[-1][1] + ks[-1][2] - ks[0][1]) / 1e3:.2f} ms")
         print("| kernel | launches | total ms | us per chunk | share |")
         print("|---|---|---|---|---|")
         for name, (n, us) in sorted(groups.items(), key=lambda g: -g[1][1]):
             print(f"| {name} | {n} | {us / 1e3:.2f} | {us / n_chunks:.1f} | {us / total:.0%} |")
         print(f"| all | {len(ks)} | {total / 1e3:.2f} | {total / n_chunks:.1f} | 100% |", flush=True)
+        clear_backward_graphs()
 
 
 def ncu_one(which: str, T: int = 8192) -> None:
@@ -372,7 +384,8 @@ def main() -> int:
         diag() if a.diag else diag_bwd()
         return 0
     torch.backends.cuda.matmul.allow_tf32 = True
-    timed = [tuple(v) for v in json.loads(a.timed)] if a.timed else TIMED
+    timed = ([tuple(tuple(x) if isinstance(x, list) else x for x in v) for v in json.loads(a.timed)]
+             if a.timed else TIMED)
     warm(list(dict.fromkeys(([] if a.no_check else CHECKED) + timed)))
     ok = True if a.no_check else check(CHECKED)
     rows = timing(timed, [int(s) for s in a.lengths.split(",") if s])

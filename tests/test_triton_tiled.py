@@ -259,6 +259,42 @@ def test_tiled_triton_train_gradients_equal_chunked(n_tiles, clip, spec, persist
         assert err < REL_TOL, f"{name}: relative error {err:.2e}"
 
 
+def test_segment_walk_over_longer_segments_with_a_partial_last_chunk(monkeypatch):
+    """The segment walk (launch per phase with the stash: the CUDA-graph backward's walk) with
+    segments of 4 and 2 chunks, the last one partial, so that every per-chunk scratch slot is
+    used and the adjoint-free phases of several chunks run in one launch; gradients vs fp64
+    autograd, bound REL_TOL. Also checks that this path is the one taken."""
+    import titans_memory.ops.triton_tiled as tt
+
+    launches = []
+    real = tt._bwd_segment_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(tt, "_bwd_segment_kernel", Counting())
+    torch.manual_seed(404)
+    T_long = 5 * CHUNK + 9
+    gates, W, S = make_inputs(B=1, T=T_long)
+    spec = MemoryMLPSpec("silu", True)
+    leaves = [t.clone().requires_grad_(True) for t in (*gates, *W, *S)]
+    o, W_T, S_T = neural_memory_tiled_triton_train(*leaves[:6], leaves[6:8], leaves[8:], spec, CHUNK, 0.05,
+                                                   n_tiles=2, segment_chunks=4, stash=True)
+    outs = [o, *W_T, *S_T]
+    cots = [torch.randn_like(t) for t in outs]
+    grads = torch.autograd.grad(sum((t * c).sum() for t, c in zip(outs, cots)), leaves)
+    # per segment: 3 launches over its chunks (grid (2, 2, nc)) and 3 per chunk
+    assert sorted(g[2] for g in launches if len(g) == 3) == [2, 2, 2, 4, 4, 4]
+    assert sum(len(g) == 2 for g in launches) == 3 * 6
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    ro, rW, rS = neural_memory_chunked(*ref_leaves[:6], ref_leaves[6:8], ref_leaves[8:], spec, CHUNK, 0.05)
+    ref = torch.autograd.grad(sum((t * c.double()).sum() for t, c in zip([ro, *rW, *rS], cots)), ref_leaves)
+    for i, (a, b) in enumerate(zip(grads, ref)):
+        assert rel_err(a, b) < REL_TOL, f"input {i}: relative error {rel_err(a, b):.2e}"
+
+
 def test_backward_with_other_tiles_than_the_forward():
     """``bwd_tiles``: the recompute and the backward walk in 4 tiles after a 1-tile forward (the
     checkpoints are whole states, so the tilings are independent); gradients vs fp64 autograd."""

@@ -29,9 +29,10 @@ for s in $STAGES; do
     ltsf)     timeout 480 python3 benchmarks/ltsf.py --datasets ETTh1 ETTh2 ETTm1 ETTm2 Weather \
                 --horizons 96 192 336 720 --seeds 0 --data-dir "$TITANS_DATA_DIR" --resume --out-md 2>&1 | tee "$OUT/ltsf.log" ;;
     sweep)    timeout 300 python3 benchmarks/kernels.py --sweep 2>&1 | tee "$OUT/sweep.log" ;;
-    persistent) timeout 280 python3 benchmarks/kernels_persistent.py 2>&1 | tee "$OUT/persistent.log"
+    persistent) timeout 330 python3 benchmarks/kernels_persistent.py ${PERSISTENT_ARGS:-} 2>&1 | tee "$OUT/persistent.log"
               timeout 270 python3 benchmarks/kernels.py --out-csv benchmarks/results/kernels_h200_tiled.csv \
                 --impls ${PERSISTENT_IMPLS:-ours_triton,ours_triton_fused} 2>&1 | tee "$OUT/kernels_h200.log" ;;
+    diagbwd)  timeout 150 python3 benchmarks/kernels_persistent.py --diag-bwd 2>&1 | tee "$OUT/diag_bwd.log" ;;
     tiled)    timeout 500 python3 benchmarks/kernels.py --tiled --lengths 2048,8192,32768 2>&1 | tee "$OUT/tiled.log" ;;
     distributed) # DDP over every GPU (and devices=1); Optuna workers one per GPU, at least 2 (sharing a GPU if 1)
               n=$(python3 -c 'import torch; print(torch.cuda.device_count())')

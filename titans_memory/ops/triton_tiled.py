@@ -28,7 +28,14 @@ from .triton_persistent_kernels import _bwd_kernel, _fwd_persistent_kernel
 from .triton_tiled_kernels import (
     PREC,
     PRECISIONS,
+    SEG_COEFFS,
+    SEG_GATES,
+    SEG_KEYS,
+    SEG_NORMS,
+    SEG_RETRIEVAL,
+    SEG_STATE,
     _bwd_rows_kernel,
+    _bwd_segment_kernel,
     _keys_kernel,
     _norms_kernel,
     _output_kernel,
@@ -280,7 +287,11 @@ class _TrainCfg:
         self.NT_fwd = n_tiles
         self.BC, self.NT = chunk, bwd_tiles or n_tiles
         self.BF = hid // self.NT
-        self.fwd_warps, self.bwd_warps = num_warps
+        if len(num_warps) not in (2, 3):
+            raise ConfigError(f"num_warps must be (forward, backward[, backward pre-pass]), got {num_warps!r}")
+        self.fwd_warps, self.bwd_warps = num_warps[:2]
+        # the segment walk's adjoint-free phases over all chunks of a segment (default: as the walk)
+        self.pre_warps = num_warps[2] if len(num_warps) == 3 else self.bwd_warps
         self.stash = stash
         self.n_chunks = -(-T // chunk)
         self.K = segment_chunks or max(1, math.ceil(math.sqrt(self.n_chunks)))
@@ -297,18 +308,30 @@ class _TrainCfg:
                               "elements; use a smaller batch or more segment_chunks")
 
 
-def _backward_scratch(cfg: _TrainCfg, dev) -> dict:
-    """Scratch of the backward (layout in ``triton_tiled_kernels.py``); ``P``, ``DQ``, ``DK`` carry
-    a leading chunk-parity axis of 2."""
+def _segment_walk(cfg: _TrainCfg, per_phase: bool) -> bool:
+    """Whether the walk is the segment walk (:func:`_backward_walk`): launch per phase with the stash."""
+    return cfg.stash and (per_phase or not cfg.persistent)
+
+
+def _backward_scratch(cfg: _TrainCfg, dev, segmented: bool) -> dict:
+    """Scratch of the backward (layout in ``triton_tiled_kernels.py``). The chunk walk: ``P``,
+    ``DQ``, ``DK`` carry a leading chunk-parity axis of 2; the segment walk (``segmented``): the
+    per-chunk buffers carry a leading axis of one slot per chunk of a segment."""
     BH, NT, BC, BF, d = cfg.BH, cfg.NT, cfg.BC, cfg.BF, cfg.d
     f32 = torch.float32
-    shapes = dict(P=(2, BH, NT, BC, d), N=(BH, NT, 2, BC), XH=(BH, NT, BC, BC), DN1=(BH, NT, BC, BC),
-                  GT=(BH, NT, 4, BC), GS=(BH, NT, 4), DD2=(BH, NT, BC, d), DQ=(2, BH, NT + 1, BC, d),
-                  DK=(2, BH, NT + 1, BC, d), X1=(BH, NT, BC, BF), DA1=(BH, NT, BC, BF), DDL1=(BH, NT, BC, BF),
+    shapes = dict(P=(BH, NT, BC, d), N=(BH, NT, 2, BC), XH=(BH, NT, BC, BC), DN1=(BH, NT, BC, BC),
+                  GT=(BH, NT, 4, BC), GS=(BH, NT, 4), DD2=(BH, NT, BC, d), DQ=(BH, NT + 1, BC, d),
+                  DK=(BH, NT + 1, BC, d), X1=(BH, NT, BC, BF), DA1=(BH, NT, BC, BF), DDL1=(BH, NT, BC, BF),
                   HD=(BH, BC))
     if cfg.stash:  # z1_j, u_j, delta2 of the current chunk, written in phase 2 (see _bwd_hidden)
         shapes.update(ZS=(BH, NT, BC, BF), US=(BH, NT, BC, BF), D2S=(BH, NT, BC, d))
-    return {name: torch.zeros(shape, device=dev, dtype=f32) for name, shape in shapes.items()}
+    if segmented:
+        per_chunk = ("P", "N", "XH", "DN1", "GT", "DQ", "DK", "X1", "DA1", "ZS", "US", "D2S")
+        lead = {name: min(cfg.K, cfg.n_chunks) for name in per_chunk}
+    else:
+        lead = dict(P=2, DQ=2, DK=2)
+    return {name: torch.zeros(((lead[name],) if name in lead else ()) + shape, device=dev, dtype=f32)
+            for name, shape in shapes.items()}
 
 
 def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: int, nc: int, err,
@@ -316,19 +339,38 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
     """The backward of chunks ``c0 + nc - 1 .. c0`` (in that order); ``starts`` (four ``[K, BH, ..]``
     tensors) hold their chunk-start states in slots ``0 .. nc - 1``; ``adj`` (the adjoint of the
     state after chunk ``c0 + nc - 1``) is overwritten with that of the state before chunk ``c0``.
-    ``cfg.persistent`` and not ``per_phase``: one launch with barriers; else 5 launches per chunk
-    of the same kernel, one phase each (``per_phase``: for the CUDA-graph backward)."""
+
+    Three drivers of the same phases: ``cfg.persistent`` and not ``per_phase``: one persistent
+    launch with barriers (the chunk walk, five phases per chunk); with the stash
+    (:func:`_segment_walk`, ``per_phase`` for the CUDA-graph backward): the segment walk, the
+    adjoint-free phases of all ``nc`` chunks first (three launches), then three launches per chunk
+    in reverse, then the ``dq, dk`` rows of the segment; else the chunk walk launched phase by
+    phase (five launches per chunk)."""
     dq, dk, dv, dth, det, dal = grads
     BH, NT = cfg.BH, cfg.NT
     dev = xs[0].device
+    meta = dict(BC=cfg.BC, D=cfg.d, F=cfg.hid, BF=cfg.BF, ACT=cfg.spec.activation, RES=bool(cfg.spec.residual),
+                CLIP=cfg.CLIP, PREC=cfg.prec, num_warps=cfg.bwd_warps, num_stages=1)
+    if _segment_walk(cfg, per_phase):
+        seg = (*xs, *gates, go, dv, dth, det, dal, *starts, *adj,
+               *(scr[name] for name in ("P", "N", "XH", "DN1", "GT", "DQ", "DK", "X1", "DA1", "ZS", "US", "D2S",
+                                        "GS", "DD2", "DDL1", "HD")), BH, cfg.T, c0)
+        pre = dict(meta, num_warps=cfg.pre_warps)
+        for ph in (SEG_KEYS, SEG_NORMS, SEG_RETRIEVAL):
+            _bwd_segment_kernel[(NT, BH, nc)](*seg, 0, NT, cfg.clip, PHASE=ph, **pre)
+        for s in range(nc - 1, -1, -1):
+            for ph in (SEG_GATES, SEG_COEFFS, SEG_STATE):
+                _bwd_segment_kernel[(NT, BH)](*seg, s, NT, cfg.clip, PHASE=ph, **meta)
+        _bwd_rows_kernel[(BH, nc)](scr["DQ"], scr["DK"], dq, dk, cfg.T, c0, NT, scr["DQ"][0].numel(),
+                                   BC=cfg.BC, D=cfg.d, num_warps=4, num_stages=1)
+        return
     args = lambda st, n0, n: (
         *xs, *gates, go, dq, dk, dv, dth, det, dal, *st, *adj,
         scr["P"], scr["DQ"], scr["DK"], scr["N"], scr["XH"], scr["DN1"], scr["GT"], scr["GS"], scr["DD2"],
         scr["HD"], scr["X1"], scr["DA1"], scr["DDL1"],
         *((scr["ZS"], scr["US"], scr["D2S"]) if cfg.stash else (scr["X1"],) * 3), cnt, err,
         BH, cfg.T, n0, n, cfg.n_chunks, n_hp, NT, cfg.clip, scr["P"][0].numel(), scr["DQ"][0].numel())
-    meta = dict(BC=cfg.BC, D=cfg.d, F=cfg.hid, BF=cfg.BF, ACT=cfg.spec.activation, RES=bool(cfg.spec.residual),
-                CLIP=cfg.CLIP, PREC=cfg.prec, STASH=cfg.stash, num_warps=cfg.bwd_warps, num_stages=1)
+    meta["STASH"] = cfg.stash
     if cfg.persistent and not per_phase:
         n_hp = head_programs(BH, NT, dev)
         cnt = torch.zeros(BH, device=dev, dtype=torch.int32)
@@ -427,15 +469,17 @@ def _backward_body(cfg: _TrainCfg, xs, gates, go, ck, adj, per_phase: bool = Fal
     qf = xs[0]
     grads = [torch.empty_like(t) for t in (*xs, *gates)]
     err = torch.zeros(1, device=qf.device, dtype=torch.int32)
-    scr = _backward_scratch(cfg, qf.device)
+    segmented = _segment_walk(cfg, per_phase)
+    scr = _backward_scratch(cfg, qf.device, segmented)
     starts = [torch.empty(min(cfg.K, cfg.n_chunks), *c.shape[1:], device=c.device, dtype=c.dtype) for c in ck]
     for s in range(cfg.n_seg - 1, -1, -1):
         c0 = s * cfg.K
         nc = min(cfg.K, cfg.n_chunks - c0)
         _recompute_starts(cfg, xs, gates, [c[s] for c in ck], starts, c0, nc, err)
         _backward_walk(cfg, xs, gates, go, starts, adj, scr, grads, c0, nc, err, per_phase)
-    _bwd_rows_kernel[(cfg.BH,)](scr["DQ"][0], scr["DK"][0], grads[0], grads[1], cfg.T, 0, cfg.NT,
-                                BC=cfg.BC, D=cfg.d, num_warps=4, num_stages=1)
+    if not segmented:  # the chunk walk leaves the dq, dk rows of chunk 0 (the segment walk does its own)
+        _bwd_rows_kernel[(cfg.BH, 1)](scr["DQ"][0], scr["DK"][0], grads[0], grads[1], cfg.T, 0, cfg.NT, 0,
+                                      BC=cfg.BC, D=cfg.d, num_warps=4, num_stages=1)
     return grads, adj, err
 
 
@@ -494,7 +538,7 @@ def _graphed_backward(cfg: _TrainCfg, xs, gates, go, ck, adj):
     """The backward from the cached graph of ``cfg``'s configuration, captured now if this is
     its second sighting; ``None`` at the first (the caller then runs it eagerly)."""
     key = (xs[0].device, tuple(xs[0].shape), cfg.hid, cfg.spec, cfg.BC, cfg.NT_fwd, cfg.NT, cfg.K, cfg.CLIP,
-           cfg.clip, cfg.prec, cfg.persistent, cfg.fwd_warps, cfg.bwd_warps, cfg.stash)
+           cfg.clip, cfg.prec, cfg.persistent, cfg.fwd_warps, cfg.bwd_warps, cfg.pre_warps, cfg.stash)
     graph = _GRAPHS.pop(key, None)
     if graph is None:
         if key in _EVICTED:
@@ -537,7 +581,7 @@ def neural_memory_tiled_triton_train(
     persistent: Optional[bool] = None,
     check: bool = True,
     bwd_tiles: Optional[int] = None,
-    num_warps: Tuple[int, int] = (8, 8),
+    num_warps: Tuple[int, ...] = (8, 8),
     stash: bool = True,
     bwd_graph: Optional[bool] = None,
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
@@ -552,7 +596,7 @@ def neural_memory_tiled_triton_train(
     :func:`neural_memory_tiled_triton`. ``bwd_tiles``: tiles per head of the backward (its
     recompute and walk; default ``n_tiles``: the backward holds about twice the live tensors per
     tile, so narrower tiles can fit where the forward's do not). ``num_warps``: (forward and
-    recompute, backward) warps per program. ``stash`` (default on): the backward's phase 2 stores
+    recompute, backward[, the backward's pre-pass; default: as the backward]) warps per program. ``stash`` (default on): the backward's phase 2 stores
     each tile's ``z1, u, delta2`` for phases 3-5 instead of their recomputing them (two matmuls,
     the R1 sum and two state loads fewer per phase: 4 % faster on an H200 at W1 shapes). The
     defaults (4 tiles at hidden 256, 8 + 8 warps, stash) are the fastest configuration measured
@@ -598,12 +642,12 @@ def neural_memory_tiled_triton_train(
     if T == 0:
         return q.new_zeros(q.shape), [w.clone() for w in W], [s.clone() for s in S]
     f32 = torch.float32
-    if q.is_cuda and (precision == "bf16" or num_warps[1] > 8):
+    if q.is_cuda and (precision == "bf16" or max(num_warps[1:]) > 8):
         # both stopped with "CUDA error: an illegal memory access" on an H200 with Triton 3.6
         # (2026-12-01, benchmarks/RESULTS.md), which leaves the CUDA context unusable
         raise ConfigError(
             f"neural_memory_tiled_triton_train on CUDA does not cover precision={precision!r} with "
-            f"{num_warps[1]} backward warps: bf16 operands and more than 8 warps in the tiled backward "
+            f"{max(num_warps[1:])} backward warps: bf16 operands and more than 8 warps in the tiled backward "
             "failed on the GPU; use precision='tf32' (the default) and at most 8 warps")
     if bwd_tiles is not None:
         reason = tiled_triton_unsupported_reason(q, W, spec, chunk_size, bwd_tiles)

@@ -360,32 +360,26 @@ def _bwd_keys(bh, j, k_ptr, w1_ptr, w2_ptr, p_ptr, T, t0, NT,
 
 
 @triton.jit
-def _bwd_rows_kernel(dqs_ptr, dks_ptr, dq_ptr, dk_ptr, T, t0, NT, BC: tl.constexpr, D: tl.constexpr):
-    """Grid ``(BH,)``: the ``dq, dk`` rows of the first chunk (the walk's last); ``dqs, dks``
-    point at that chunk's parity slot of the partials."""
+def _bwd_rows_kernel(dqs_ptr, dks_ptr, dq_ptr, dk_ptr, T, c0, NT, chunk_stride, BC: tl.constexpr, D: tl.constexpr):
+    """Grid ``(BH, nc)``: the ``dq, dk`` rows of chunks ``c0 .. c0 + nc - 1``, program ``(bh, s)``
+    summing the partials of chunk ``c0 + s`` at ``dqs, dks + s * chunk_stride`` (the persistent
+    walk: grid ``(BH, 1)`` for chunk 0, its parity slot; the segment walk: every chunk of a
+    segment, one slot each)."""
     bh = tl.program_id(0).to(tl.int64)
-    _bwd_rows(dqs_ptr + bh * (NT + 1) * BC * D, dks_ptr + bh * (NT + 1) * BC * D, dq_ptr, dk_ptr,
-              bh, T, t0, NT, BC, D)
+    s = tl.program_id(1).to(tl.int64)
+    off = s * chunk_stride + bh * (NT + 1) * BC * D
+    _bwd_rows(dqs_ptr + off, dks_ptr + off, dq_ptr, dk_ptr, bh, T, (c0 + s) * BC, NT, BC, D)
 
 
 @triton.jit
-def _bwd_norms(bh, j, k_ptr, v_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
-               p_ptr, n_ptr, gt_ptr, gs_ptr, zs_ptr, us_ptr, d2s_ptr, T, t0, NT,
-               BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
-               ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-               STASH: tl.constexpr):
-    """Phase 2: the R2 partials ``|delta1_j|^2``, ``|h1_j|^2`` per token (clip only), and the
-    parts of the R5 gate cotangents that go through the state adjoint (per token ``dcl, dml``;
-    per head ``dbl, dgl, del``). Separate from the retrieval phase so that neither needs more
-    shared memory than a block has (Triton 3.6, 4 tiles at W1 shapes). ``STASH``: also store the
-    tile's ``z1_j, u_j, delta2`` for the later phases of this chunk (:func:`_bwd_fetch`)."""
+def _bwd_stash_norms(bh, j, k, v, w1, w2, p_ptr, n_ptr, zs_ptr, us_ptr, d2s_ptr, rmask, NT,
+                     BC: tl.constexpr, D: tl.constexpr, BF: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr,
+                     CLIP: tl.constexpr, PREC: tl.constexpr, STASH: tl.constexpr):
+    """The adjoint-free half of phase 2: recompute the tile's ``delta2, z1_j, h1_j, u_j,
+    delta1_j`` from R1 and the chunk-start state tiles, store the R2 partials ``|delta1_j|^2``,
+    ``|h1_j|^2`` (clip only) and (``STASH``) the tile's ``z1_j, u_j, delta2``. Returns
+    ``(delta2, h1, delta1)``."""
     rc = tl.arange(0, BC)
-    rmask = (t0 + rc) < T
-    o1, o2 = _tile_offsets(bh, j, D, F, BF)
-    k = _rows(k_ptr, bh, T, t0, BC, D)
-    v = _rows(v_ptr, bh, T, t0, BC, D)
-    w1 = tl.load(w1_ptr + o1)
-    w2 = tl.load(w2_ptr + o2)
     delta2, z1, h1, _, u, delta1 = _bwd_fetch(k, v, w1, w2, p_ptr + bh * NT * BC * D, zs_ptr, us_ptr, d2s_ptr,
                                               bh, j, rmask, NT, BC, D, BF, ACT, RES, PREC, False)
     if STASH:
@@ -397,6 +391,17 @@ def _bwd_norms(bh, j, k_ptr, v_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1
         dst = n_ptr + (bh * NT + j) * 2 * BC
         tl.store(dst + rc, tl.sum(delta1 * delta1, axis=1))
         tl.store(dst + BC + rc, tl.sum(h1 * h1, axis=1))
+    return delta2, h1, delta1
+
+
+@triton.jit
+def _bwd_adjoint_gates(bh, j, k, delta2, h1, delta1, w1, w2, o1, o2, s1_ptr, s2_ptr,
+                       aw1_ptr, as1_ptr, aw2_ptr, as2_ptr, gt_ptr, gs_ptr, NT, BC: tl.constexpr,
+                       PREC: tl.constexpr):
+    """The half of phase 2 that reads the state adjoint (of the state after this chunk): the tile's
+    partials of the R5 gate cotangents through it, per token ``dcl, dml`` (rows 2, 3 of ``GT``) and
+    per head ``dbl, dgl, del`` (``GS``)."""
+    rc = tl.arange(0, BC)
     aw1 = tl.load(aw1_ptr + o1)
     as1 = tl.load(as1_ptr + o1)
     aw2 = tl.load(aw2_ptr + o2)
@@ -412,6 +417,31 @@ def _bwd_norms(bh, j, k_ptr, v_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1
     tl.store(gs, tl.sum(tl.sum(aw1 * w1, axis=1), axis=0) + tl.sum(tl.sum(aw2 * w2, axis=1), axis=0))
     tl.store(gs + 1, tl.sum(tl.sum(aw1 * s1, axis=1), axis=0) + tl.sum(tl.sum(aw2 * s2, axis=1), axis=0))
     tl.store(gs + 2, tl.sum(tl.sum(as1 * s1, axis=1), axis=0) + tl.sum(tl.sum(as2 * s2, axis=1), axis=0))
+
+
+@triton.jit
+def _bwd_norms(bh, j, k_ptr, v_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
+               p_ptr, n_ptr, gt_ptr, gs_ptr, zs_ptr, us_ptr, d2s_ptr, T, t0, NT,
+               BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
+               ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+               STASH: tl.constexpr):
+    """Phase 2: the R2 partials ``|delta1_j|^2``, ``|h1_j|^2`` per token (clip only), and the
+    parts of the R5 gate cotangents that go through the state adjoint (per token ``dcl, dml``;
+    per head ``dbl, dgl, del``): :func:`_bwd_stash_norms` then :func:`_bwd_adjoint_gates`.
+    Separate from the retrieval phase so that neither needs more shared memory than a block has
+    (Triton 3.6, 4 tiles at W1 shapes). ``STASH``: also store the tile's ``z1_j, u_j, delta2``
+    for the later phases of this chunk (:func:`_bwd_fetch`)."""
+    rc = tl.arange(0, BC)
+    rmask = (t0 + rc) < T
+    o1, o2 = _tile_offsets(bh, j, D, F, BF)
+    k = _rows(k_ptr, bh, T, t0, BC, D)
+    v = _rows(v_ptr, bh, T, t0, BC, D)
+    w1 = tl.load(w1_ptr + o1)
+    w2 = tl.load(w2_ptr + o2)
+    delta2, h1, delta1 = _bwd_stash_norms(bh, j, k, v, w1, w2, p_ptr, n_ptr, zs_ptr, us_ptr, d2s_ptr, rmask, NT,
+                                          BC, D, BF, ACT, RES, CLIP, PREC, STASH)
+    _bwd_adjoint_gates(bh, j, k, delta2, h1, delta1, w1, w2, o1, o2, s1_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr,
+                       as2_ptr, gt_ptr, gs_ptr, NT, BC, PREC)
 
 
 @triton.jit
@@ -609,3 +639,88 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
     tl.store(as1_ptr + o1, as1n)
     tl.store(aw2_ptr + o2, aw2n)
     tl.store(as2_ptr + o2, as2n)
+
+
+# ---------------------------------------------------------------------------------------------
+# the segment walk of the backward (launch per phase; the CUDA-graph backward's walk)
+#
+# Of a chunk's five phases only parts of phase 2 and phases 4, 5 read the state adjoint; phase 1,
+# the rest of phase 2 and phase 3 (the retrieval backward) need only the chunk-start state, which
+# the recompute has just stored for every chunk of the segment. So they run first for all chunks
+# of the segment at once (grid ``(NT, BH, nc)``, each chunk with its own scratch slot), and the
+# reverse walk over the chunks is left with three launches per chunk, each of grid ``(NT, BH)``.
+# Per-chunk scratch (leading axis: the chunk's slot in the segment): P, N, XH, DN1, GT, DQ, DK,
+# X1, DA1, ZS, US, D2S; one slot: GS, DD2, DDL1, HD (written and read within one chunk's walk).
+# PHASE of _bwd_segment_kernel (the kernel compares literals: Triton reads no plain globals)
+SEG_KEYS, SEG_NORMS, SEG_RETRIEVAL, SEG_GATES, SEG_COEFFS, SEG_STATE = 1, 2, 3, 4, 5, 6
+
+
+@triton.jit(do_not_specialize=["c0", "s_walk"])
+def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_ptr, dth_ptr, det_ptr, dal_ptr,
+                        w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
+                        p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, dqs_ptr, dks_ptr, x1_ptr, da1_ptr,
+                        zs_ptr, us_ptr, d2s_ptr, gs_ptr, dd2_ptr, ddl1_ptr, hd_ptr,
+                        BH, T, c0, s_walk, NT, clip,
+                        BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
+                        ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+                        PHASE: tl.constexpr):
+    """One phase of the segment walk for tile ``program_id(0)`` of head ``program_id(1)``: for
+    ``PHASE`` ``SEG_KEYS, SEG_NORMS, SEG_RETRIEVAL`` (phases 1, 2 without the adjoint, 3) of chunk
+    ``c0 + program_id(2)``; for ``SEG_GATES, SEG_COEFFS, SEG_STATE`` (the adjoint half of phase 2,
+    phases 4, 5) of chunk ``c0 + s_walk``. ``w1 ..`` hold the segment's chunk-start states (slot
+    stride ``BH D F``); the adjoint ``aw1 ..`` is updated in place by ``SEG_STATE``."""
+    j = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    if PHASE <= 3:  # SEG_KEYS .. SEG_RETRIEVAL: over the chunks
+        s = tl.program_id(2).to(tl.int64)
+    else:
+        s = tl.zeros([], dtype=tl.int64) + s_walk
+    t0 = (c0 + s) * BC
+    tile = BH * NT * BC  # one chunk's slot of a per-tile scratch, per column
+    sst = s * BH * D * F
+    w1 = w1_ptr + sst
+    s1 = s1_ptr + sst
+    w2 = w2_ptr + sst
+    s2 = s2_ptr + sst
+    p = p_ptr + s * tile * D
+    n = n_ptr + s * tile * 2
+    xh = xh_ptr + s * tile * BC
+    dn1 = dn1_ptr + s * tile * BC
+    gt = gt_ptr + s * tile * 4
+    dqs = dqs_ptr + s * BH * (NT + 1) * BC * D
+    dks = dks_ptr + s * BH * (NT + 1) * BC * D
+    x1 = x1_ptr + s * tile * BF
+    da1 = da1_ptr + s * tile * BF
+    zs = zs_ptr + s * tile * BF
+    us = us_ptr + s * tile * BF
+    d2s = d2s_ptr + s * tile * D
+    if PHASE == 1:  # SEG_KEYS
+        _bwd_keys(bh, j, k_ptr, w1, w2, p, T, t0, NT, BC, D, F, BF, ACT, PREC)
+    elif PHASE == 2 or PHASE == 4:  # SEG_NORMS, SEG_GATES
+        rmask = (t0 + tl.arange(0, BC)) < T
+        o1, o2 = _tile_offsets(bh, j, D, F, BF)
+        k = _rows(k_ptr, bh, T, t0, BC, D)
+        v = _rows(v_ptr, bh, T, t0, BC, D)
+        w1t = tl.load(w1 + o1)
+        w2t = tl.load(w2 + o2)
+        if PHASE == 2:
+            _bwd_stash_norms(bh, j, k, v, w1t, w2t, p, n, zs, us, d2s, rmask, NT, BC, D, BF, ACT, RES, CLIP,
+                             PREC, True)
+        else:
+            delta2, _, h1, _, _, delta1 = _bwd_fetch(k, v, w1t, w2t, p + bh * NT * BC * D, zs, us, d2s, bh, j,
+                                                     rmask, NT, BC, D, BF, ACT, RES, PREC, True)
+            _bwd_adjoint_gates(bh, j, k, delta2, h1, delta1, w1t, w2t, o1, o2, s1, s2, aw1_ptr, as1_ptr,
+                               aw2_ptr, as2_ptr, gt, gs_ptr, NT, BC, PREC)
+    elif PHASE == 3:  # SEG_RETRIEVAL
+        _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, w1, s1, w2, s2,
+                       p, n, xh, dn1, gt, dqs, x1, da1, zs, us, d2s, T, t0, NT, clip,
+                       BC, D, F, BF, ACT, RES, CLIP, PREC, True)
+    elif PHASE == 5:  # SEG_COEFFS
+        _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, w1, w2,
+                    aw1_ptr, as1_ptr, aw2_ptr, as2_ptr, p, n, xh, dn1, gt, gs_ptr, dqs, da1, ddl1_ptr, dd2_ptr,
+                    hd_ptr, dth_ptr, det_ptr, dal_ptr, zs, us, d2s, T, t0, NT, clip,
+                    BC, D, F, BF, ACT, RES, CLIP, PREC, True)
+    else:  # SEG_STATE
+        _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_ptr, w1, w2,
+                   aw1_ptr, as1_ptr, aw2_ptr, as2_ptr, p, n, xh, dn1, dd2_ptr, hd_ptr, dks, x1, da1, ddl1_ptr,
+                   zs, us, d2s, T, t0, NT, clip, BC, D, F, BF, ACT, RES, CLIP, PREC, True)
