@@ -742,6 +742,56 @@ def limits_text(rows: List[dict]) -> str:
     )
 
 
+def gpu_kernels(fn) -> list:
+    """(name, start us, duration us) of every GPU kernel ``fn`` launched, from the CUDA profiler
+    (CUPTI: GPU time only, whatever the CPU's launch gaps; kernels replayed from CUDA graphs
+    included), in start order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    ks = [(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in prof.events()
+          if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sorted(ks, key=lambda k: k[1])
+
+
+def run_profile(impls, lengths, top: int = 14) -> None:
+    """Where one step's GPU time goes, per impl and length: wall time of the step (CUDA events),
+    the summed GPU time of its kernels and the idle rest, and the kernels by total time."""
+    dev = torch.device("cuda")
+    for impl in impls:
+        setup = _make(impl, dev)
+        for T in lengths:
+            step = setup(T)
+            for _ in range(3):  # compile; a graph backward is captured at the second step
+                step()
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            b.synchronize()
+            wall = a.elapsed_time(b)
+            ks = gpu_kernels(step)
+            busy = sum(k[2] for k in ks) / 1e3
+            groups = {}
+            for name, _, us in ks:
+                g = groups.setdefault(name[:80], [0, 0.0])
+                g[0] += 1
+                g[1] += us
+            print(f"\n# {impl}, T = {T}, {device_name()}: step {wall:.2f} ms (CUDA events), kernels {busy:.2f} ms "
+                  f"GPU time, idle or overlapped {wall - busy:.2f} ms")
+            print("| kernel | launches | total ms | share of the step |")
+            print("|---|---|---|---|")
+            for name, (n, us) in sorted(groups.items(), key=lambda g: -g[1][1])[:top]:
+                print(f"| {name} | {n} | {us / 1e3:.2f} | {us / 1e3 / wall:.0%} |")
+            rest = sorted(groups.values(), key=lambda g: -g[1])[top:]
+            if rest:
+                print(f"| ({len(rest)} other kernels) | {sum(g[0] for g in rest)} | {sum(g[1] for g in rest) / 1e3:.2f} | |")
+            print(flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="correctness check only; exit 1 on mismatch")
@@ -759,6 +809,8 @@ def main() -> int:
     p.add_argument("--device", default="cuda", help="cpu: test the harness (Triton rows need TRITON_INTERPRET=1)")
     p.add_argument("--saved", action="store_true",
                    help="print the bytes autograd keeps for neural_memory's backward (--impls torch,checkpointed,triton)")
+    p.add_argument("--profile", action="store_true",
+                   help="GPU time per kernel of one step of each --impls at each --lengths (CUDA profiler)")
     p.add_argument("--aot-tiled", action="store_true", help="the --aot report for the tiled kernels")
     p.add_argument("--aot", action="store_true",
                    help="compile every W1 kernel variant for sm_90a without a GPU and print the compiler report")
@@ -775,6 +827,9 @@ def main() -> int:
     if a.device == "cuda" and not torch.cuda.is_available():
         print("the benchmark needs a CUDA device (or --device cpu to test the harness)")
         return 2
+    if a.profile:
+        run_profile([s for s in a.impls.split(",") if s], [int(s) for s in a.lengths.split(",") if s])
+        return 0
     if a.sweep:
         run_sweep()
         return 0

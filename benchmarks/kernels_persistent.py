@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from kernels import B, CHUNK, HEAD_DIM, HEADS, TOL, _inputs, _rel, _time_step, device_name  # noqa: E402
+from kernels import B, CHUNK, HEAD_DIM, HEADS, TOL, _inputs, _rel, _time_step, device_name, gpu_kernels  # noqa: E402
 from titans_memory.ops import neural_memory_chunked, neural_memory_triton  # noqa: E402
 from titans_memory.ops.mlp import MemoryMLPSpec  # noqa: E402
 from titans_memory.ops.triton_tiled import (  # noqa: E402
@@ -294,19 +294,6 @@ def diag(T: int = 8192) -> None:
                   flush=True)
 
 
-def _gpu_kernels(fn) -> list:
-    """(name, start us, duration us) of every GPU kernel ``fn`` launched, from the CUDA profiler
-    (CUPTI: GPU time only, whatever the CPU's launch gaps), in start order."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    ks = [(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in prof.events()
-          if e.device_type == torch.autograd.DeviceType.CUDA]
-    return sorted(ks, key=lambda k: k[1])
-
-
 SEG_PHASES = ["1 keys (all chunks)", "2 norms, stash (all chunks)", "3 retrieval (all chunks)",
               "2a adjoint gate terms", "4 coefficients", "5 state adjoint"]
 
@@ -327,7 +314,7 @@ def diag_bwd(T: int = 8192) -> None:
         for _ in range(3):  # compile; with the graph: first sighting eager, second captures
             run()
         torch.cuda.synchronize()
-        ks = _gpu_kernels(run)
+        ks = gpu_kernels(run)
         n_chunks = -(-T // CHUNK)
         total = sum(k[2] for k in ks)
         groups = {}

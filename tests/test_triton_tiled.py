@@ -168,6 +168,12 @@ def test_backward_graph_needs_cuda():
         neural_memory_tiled_triton_train(*gates, W, S, MemoryMLPSpec(), CHUNK, None, n_tiles=1, bwd_graph=True)
 
 
+def test_train_rejects_a_malformed_num_warps():
+    gates, W, S = make_inputs(B=1)
+    with pytest.raises(ConfigError, match="num_warps"):
+        neural_memory_tiled_triton_train(*gates, W, S, MemoryMLPSpec(), CHUNK, None, n_tiles=2, num_warps=(4,))
+
+
 def test_backward_graph_cache_captures_at_second_sighting_and_evicts(monkeypatch):
     # the cache policy of the CUDA-graph backward, with the capture replaced by a stub (no CUDA
     # here): eager at a configuration's first backward, captured at its second, replayed after,

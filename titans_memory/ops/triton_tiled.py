@@ -7,8 +7,9 @@ chunk range, the tiles of a head synchronised by barriers,
 specification is :mod:`titans_memory.ops.tiled`; the plan and the measurements are in
 ``docs/kernels.md`` and ``benchmarks/RESULTS.md``. ``impl="triton_tiled"`` of
 :func:`~titans_memory.ops.neural_memory`; ``impl="auto"`` uses both on CUDA. In training on CUDA
-the forward and the backward's recompute are persistent, and the backward's walk runs launch per
-phase replayed from a CUDA graph (``bwd_graph``): the fastest combination measured.
+the forward and the backward's recompute are persistent, and the backward's walk is the segment
+walk (launch per phase, the adjoint-free phases of a segment's chunks in one launch each; see
+:func:`_backward_walk`) replayed from a CUDA graph (``bwd_graph``): the fastest combination measured.
 Checked on an H200 (``benchmarks/kernels_persistent.py``) and under ``TRITON_INTERPRET=1`` in CI.
 """
 
@@ -596,12 +597,14 @@ def neural_memory_tiled_triton_train(
     :func:`neural_memory_tiled_triton`. ``bwd_tiles``: tiles per head of the backward (its
     recompute and walk; default ``n_tiles``: the backward holds about twice the live tensors per
     tile, so narrower tiles can fit where the forward's do not). ``num_warps``: (forward and
-    recompute, backward[, the backward's pre-pass; default: as the backward]) warps per program. ``stash`` (default on): the backward's phase 2 stores
-    each tile's ``z1, u, delta2`` for phases 3-5 instead of their recomputing them (two matmuls,
+    recompute, backward[, the segment walk's launches over all chunks; default: as the
+    backward]) warps per program. ``stash`` (default on): the backward's phase 2 stores each tile's ``z1, u, delta2`` for phases 3-5 instead of their recomputing them (two matmuls,
     the R1 sum and two state loads fewer per phase: 4 % faster on an H200 at W1 shapes). The
     defaults (4 tiles at hidden 256, 8 + 8 warps, stash) are the fastest configuration measured
     there (``benchmarks/RESULTS.md``). ``bwd_graph`` (CUDA only; ``None``: on CUDA): the
-    backward's walk runs launch per phase (no barriers), the whole backward captured once per
+    backward's walk runs launch per phase (no barriers; with the stash, the segment walk of
+    :func:`_backward_walk`: phases 1, 2 (adjoint-free half) and 3 for all chunks of a segment in
+    one launch each, then three launches per chunk), the whole backward captured once per
     configuration in a CUDA graph and replayed (``GRAPH_CACHE_SIZE`` graphs kept, each with its
     own buffers; captured at a configuration's second backward, the first runs the persistent
     backward, as does a configuration whose graph was evicted; ``clear_backward_graphs()`` frees
@@ -633,7 +636,8 @@ def neural_memory_tiled_triton_train(
 
     Tested under ``TRITON_INTERPRET=1`` on the CPU against autograd through
     :func:`~titans_memory.ops.chunked.neural_memory_chunked` in fp64 (launch per phase with 1-4
-    tiles, persistent with 1), and on an H200 by ``benchmarks/kernels_persistent.py``.
+    tiles: the chunk walk without the stash, the segment walk with it; persistent with 1), and
+    on an H200 by ``benchmarks/kernels_persistent.py``.
     """
     W, S = _validated(q, weights, momentum, spec, chunk_size, n_tiles, precision, "neural_memory_tiled_triton_train")
     B, H, T, d = q.shape
