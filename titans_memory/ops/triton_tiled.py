@@ -309,7 +309,7 @@ class _TrainCfg:
                               "elements; use a smaller batch or more segment_chunks")
 
 
-def _segment_walk(cfg: _TrainCfg, per_phase: bool) -> bool:
+def _uses_segment_walk(cfg: _TrainCfg, per_phase: bool) -> bool:
     """Whether the walk is the segment walk (:func:`_backward_walk`): launch per phase with the stash."""
     return cfg.stash and (per_phase or not cfg.persistent)
 
@@ -343,7 +343,7 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
 
     Three drivers of the same phases: ``cfg.persistent`` and not ``per_phase``: one persistent
     launch with barriers (the chunk walk, five phases per chunk); with the stash
-    (:func:`_segment_walk`, ``per_phase`` for the CUDA-graph backward): the segment walk, the
+    (:func:`_uses_segment_walk`, ``per_phase`` for the CUDA-graph backward): the segment walk, the
     adjoint-free phases of all ``nc`` chunks first (three launches), then three launches per chunk
     in reverse, then the ``dq, dk`` rows of the segment; else the chunk walk launched phase by
     phase (five launches per chunk)."""
@@ -352,7 +352,7 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
     dev = xs[0].device
     meta = dict(BC=cfg.BC, D=cfg.d, F=cfg.hid, BF=cfg.BF, ACT=cfg.spec.activation, RES=bool(cfg.spec.residual),
                 CLIP=cfg.CLIP, PREC=cfg.prec, num_warps=cfg.bwd_warps, num_stages=1)
-    if _segment_walk(cfg, per_phase):
+    if _uses_segment_walk(cfg, per_phase):
         seg = (*xs, *gates, go, dv, dth, det, dal, *starts, *adj,
                *(scr[name] for name in ("P", "N", "XH", "DN1", "GT", "DQ", "DK", "X1", "DA1", "ZS", "US", "D2S",
                                         "GS", "DD2", "DDL1", "HD")), BH, cfg.T, c0)
@@ -470,7 +470,7 @@ def _backward_body(cfg: _TrainCfg, xs, gates, go, ck, adj, per_phase: bool = Fal
     qf = xs[0]
     grads = [torch.empty_like(t) for t in (*xs, *gates)]
     err = torch.zeros(1, device=qf.device, dtype=torch.int32)
-    segmented = _segment_walk(cfg, per_phase)
+    segmented = _uses_segment_walk(cfg, per_phase)
     scr = _backward_scratch(cfg, qf.device, segmented)
     starts = [torch.empty(min(cfg.K, cfg.n_chunks), *c.shape[1:], device=c.device, dtype=c.dtype) for c in ck]
     for s in range(cfg.n_seg - 1, -1, -1):
