@@ -44,7 +44,8 @@ from titans_memory.ops.triton_tiled import (  # noqa: E402
 )
 
 SPEC = MemoryMLPSpec("silu", residual=True)
-# (n_tiles, clip, precision, persistent[, bwd_tiles, bwd_warps, stash]; defaults n_tiles, 4, False).
+# (n_tiles, clip, precision, persistent[, bwd_tiles, bwd_warps, stash, bwd_graph]; defaults n_tiles, 4,
+# False, False).
 # bf16 operands are left out: on the H200 (Triton 3.6) the persistent backward with bf16 operands
 # stopped with an illegal memory access (2026-12-01), and that poisons the CUDA context of the run.
 CHECKED = [(4, 1.0, "tf32", True, 4, 8, True), (4, 1.0, "tf32", True, 4, 8, True, True),
@@ -71,11 +72,6 @@ def _full(v):
             bool(v[6]) if len(v) > 6 else False, bool(v[7]) if len(v) > 7 else False)
 
 
-def _warps(bw) -> tuple:
-    """``num_warps`` of the training call: ``bw`` is the backward's (an int) or [walk, pre-pass]."""
-    return (8, *bw) if isinstance(bw, (list, tuple)) else (8, bw)
-
-
 def _run_variant(v, T, Bq=B, H=HEADS, seed=0, train=True):
     """One call of a variant at W1 head shapes; returns (outputs, grads or None)."""
     n, clip, prec, pers, bt, bw, st, gr = _full(v)
@@ -88,7 +84,7 @@ def _run_variant(v, T, Bq=B, H=HEADS, seed=0, train=True):
         return [o, *Wt, *St], None
     o, Wt, St = neural_memory_tiled_triton_train(*x[:6], x[6:8], x[8:], SPEC, CHUNK, clip, n_tiles=n,
                                                  precision=prec, persistent=pers, check=True, bwd_tiles=bt,
-                                                 num_warps=_warps(bw), stash=st, bwd_graph=gr)
+                                                 num_warps=(8, bw), stash=st, bwd_graph=gr)
     outs = [o, *Wt, *St]
     g = torch.Generator(device="cpu").manual_seed(99)
     cots = [torch.randn(t.shape, generator=g).cuda() for t in outs]
@@ -105,7 +101,7 @@ def warm(variants) -> None:
 
 
 def warm_one(v) -> None:
-    v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+    v = tuple(v)
     for _ in range(2 if _full(v)[7] else 1):  # with the graph backward: the second call captures it
         _run_variant(v, 200, Bq=1, H=2, train=True)
     _run_variant(v, 200, Bq=1, H=2, train=False)
@@ -241,7 +237,7 @@ def timing(variants, lengths) -> list:
                 n, clip, prec, pers, bt, bw, st, gr = _full(v)
                 fwd = lambda n=n, c=clip, p=prec, q=pers, bt=bt, bw=bw, st=st, gr=gr: neural_memory_tiled_triton_train(  # noqa: E731
                     *x[:6], x[6:8], x[8:], SPEC, CHUNK, c, n_tiles=n, precision=p, persistent=q, bwd_tiles=bt,
-                    num_warps=_warps(bw), stash=st, bwd_graph=gr)[0]
+                    num_warps=(8, bw), stash=st, bwd_graph=gr)[0]
                 inf = lambda n=n, c=clip, p=prec, q=pers: neural_memory_tiled_triton(  # noqa: E731
                     *x[:6], x[6:8], x[8:], SPEC, CHUNK, c, n_tiles=n, precision=p, persistent=q)[0]
             try:
@@ -371,8 +367,7 @@ def main() -> int:
         diag() if a.diag else diag_bwd()
         return 0
     torch.backends.cuda.matmul.allow_tf32 = True
-    timed = ([tuple(tuple(x) if isinstance(x, list) else x for x in v) for v in json.loads(a.timed)]
-             if a.timed else TIMED)
+    timed = [tuple(v) for v in json.loads(a.timed)] if a.timed else TIMED
     warm(list(dict.fromkeys(([] if a.no_check else CHECKED) + timed)))
     ok = True if a.no_check else check(CHECKED)
     rows = timing(timed, [int(s) for s in a.lengths.split(",") if s])

@@ -288,11 +288,9 @@ class _TrainCfg:
         self.NT_fwd = n_tiles
         self.BC, self.NT = chunk, bwd_tiles or n_tiles
         self.BF = hid // self.NT
-        if len(num_warps) not in (2, 3):
-            raise ConfigError(f"num_warps must be (forward, backward[, backward pre-pass]), got {num_warps!r}")
-        self.fwd_warps, self.bwd_warps = num_warps[:2]
-        # the segment walk's adjoint-free phases over all chunks of a segment (default: as the walk)
-        self.pre_warps = num_warps[2] if len(num_warps) == 3 else self.bwd_warps
+        if len(num_warps) != 2:
+            raise ConfigError(f"num_warps must be (forward, backward), got {num_warps!r}")
+        self.fwd_warps, self.bwd_warps = num_warps
         self.stash = stash
         self.n_chunks = -(-T // chunk)
         self.K = segment_chunks or max(1, math.ceil(math.sqrt(self.n_chunks)))
@@ -356,9 +354,8 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
         seg = (*xs, *gates, go, dv, dth, det, dal, *starts, *adj,
                *(scr[name] for name in ("P", "N", "XH", "DN1", "GT", "DQ", "DK", "X1", "DA1", "ZS", "US", "D2S",
                                         "GS", "DD2", "DDL1", "HD")), BH, cfg.T, c0)
-        pre = dict(meta, num_warps=cfg.pre_warps)
         for ph in (SEG_KEYS, SEG_NORMS, SEG_RETRIEVAL):
-            _bwd_segment_kernel[(NT, BH, nc)](*seg, 0, NT, cfg.clip, PHASE=ph, **pre)
+            _bwd_segment_kernel[(NT, BH, nc)](*seg, 0, NT, cfg.clip, PHASE=ph, **meta)
         for s in range(nc - 1, -1, -1):
             for ph in (SEG_GATES, SEG_COEFFS, SEG_STATE):
                 _bwd_segment_kernel[(NT, BH)](*seg, s, NT, cfg.clip, PHASE=ph, **meta)
@@ -487,7 +484,7 @@ def _backward_body(cfg: _TrainCfg, xs, gates, go, ck, adj, per_phase: bool = Fal
 class _BackwardGraph:
     """:func:`_backward_body` of one configuration captured in a CUDA graph, with static input
     buffers: a call copies the inputs in, replays the graph and returns copies of the outputs.
-    The launch-per-phase backward issues about 5 launches per chunk; replayed from a graph their
+    The launch-per-phase backward issues 3-5 launches per chunk; replayed from a graph their
     CPU cost (tens of microseconds each through Triton's launcher) goes away, leaving GPU time."""
 
     def __init__(self, cfg: _TrainCfg, xs, gates, go, ck, adj):
@@ -539,7 +536,7 @@ def _graphed_backward(cfg: _TrainCfg, xs, gates, go, ck, adj):
     """The backward from the cached graph of ``cfg``'s configuration, captured now if this is
     its second sighting; ``None`` at the first (the caller then runs it eagerly)."""
     key = (xs[0].device, tuple(xs[0].shape), cfg.hid, cfg.spec, cfg.BC, cfg.NT_fwd, cfg.NT, cfg.K, cfg.CLIP,
-           cfg.clip, cfg.prec, cfg.persistent, cfg.fwd_warps, cfg.bwd_warps, cfg.pre_warps, cfg.stash)
+           cfg.clip, cfg.prec, cfg.persistent, cfg.fwd_warps, cfg.bwd_warps, cfg.stash)
     graph = _GRAPHS.pop(key, None)
     if graph is None:
         if key in _EVICTED:
@@ -557,7 +554,7 @@ def _graphed_backward(cfg: _TrainCfg, xs, gates, go, ck, adj):
             graph = _BackwardGraph(cfg, xs, gates, go, ck, adj)
         except RuntimeError as exc:  # e.g. a CUDA call another library makes during the capture
             warnings.warn(f"the CUDA-graph capture of the tiled memory backward failed ({exc}); this "
-                          "configuration runs the persistent backward from now on", RuntimeWarning, stacklevel=2)
+                          "configuration runs the backward eagerly from now on", RuntimeWarning, stacklevel=2)
             _EVICTED[key] = None
             return None
     _GRAPHS[key] = graph  # most recent last
@@ -582,7 +579,7 @@ def neural_memory_tiled_triton_train(
     persistent: Optional[bool] = None,
     check: bool = True,
     bwd_tiles: Optional[int] = None,
-    num_warps: Tuple[int, ...] = (8, 8),
+    num_warps: Tuple[int, int] = (8, 8),
     stash: bool = True,
     bwd_graph: Optional[bool] = None,
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
@@ -597,8 +594,7 @@ def neural_memory_tiled_triton_train(
     :func:`neural_memory_tiled_triton`. ``bwd_tiles``: tiles per head of the backward (its
     recompute and walk; default ``n_tiles``: the backward holds about twice the live tensors per
     tile, so narrower tiles can fit where the forward's do not). ``num_warps``: (forward and
-    recompute, backward[, the segment walk's launches over all chunks; default: as the
-    backward]) warps per program. ``stash`` (default on): the backward's phase 2 stores each tile's ``z1, u, delta2`` for phases 3-5 instead of their recomputing them (two matmuls,
+    recompute, backward) warps per program. ``stash`` (default on): the backward's phase 2 stores each tile's ``z1, u, delta2`` for phases 3-5 instead of their recomputing them (two matmuls,
     the R1 sum and two state loads fewer per phase: 4 % faster on an H200 at W1 shapes). The
     defaults (4 tiles at hidden 256, 8 + 8 warps, stash) are the fastest configuration measured
     there (``benchmarks/RESULTS.md``). ``bwd_graph`` (CUDA only; ``None``: on CUDA): the
@@ -646,12 +642,12 @@ def neural_memory_tiled_triton_train(
     if T == 0:
         return q.new_zeros(q.shape), [w.clone() for w in W], [s.clone() for s in S]
     f32 = torch.float32
-    if q.is_cuda and (precision == "bf16" or max(num_warps[1:]) > 8):
+    if q.is_cuda and (precision == "bf16" or num_warps[1] > 8):
         # both stopped with "CUDA error: an illegal memory access" on an H200 with Triton 3.6
         # (2026-12-01, benchmarks/RESULTS.md), which leaves the CUDA context unusable
         raise ConfigError(
             f"neural_memory_tiled_triton_train on CUDA does not cover precision={precision!r} with "
-            f"{max(num_warps[1:])} backward warps: bf16 operands and more than 8 warps in the tiled backward "
+            f"{num_warps[1]} backward warps: bf16 operands and more than 8 warps in the tiled backward "
             "failed on the GPU; use precision='tf32' (the default) and at most 8 warps")
     if bwd_tiles is not None:
         reason = tiled_triton_unsupported_reason(q, W, spec, chunk_size, bwd_tiles)

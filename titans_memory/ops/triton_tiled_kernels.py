@@ -700,14 +700,14 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
         rmask = (t0 + tl.arange(0, BC)) < T
         o1, o2 = _tile_offsets(bh, j, D, F, BF)
         k = _rows(k_ptr, bh, T, t0, BC, D)
-        v = _rows(v_ptr, bh, T, t0, BC, D)
         w1t = tl.load(w1 + o1)
         w2t = tl.load(w2 + o2)
         if PHASE == 2:
+            v = _rows(v_ptr, bh, T, t0, BC, D)
             _bwd_stash_norms(bh, j, k, v, w1t, w2t, p, n, zs, us, d2s, rmask, NT, BC, D, BF, ACT, RES, CLIP,
                              PREC, True)
-        else:
-            delta2, _, h1, _, _, delta1 = _bwd_fetch(k, v, w1t, w2t, p + bh * NT * BC * D, zs, us, d2s, bh, j,
+        else:  # from the stash: v (passed as k) and the R1 partials are not read
+            delta2, _, h1, _, _, delta1 = _bwd_fetch(k, k, w1t, w2t, p + bh * NT * BC * D, zs, us, d2s, bh, j,
                                                      rmask, NT, BC, D, BF, ACT, RES, PREC, True)
             _bwd_adjoint_gates(bh, j, k, delta2, h1, delta1, w1t, w2t, o1, o2, s1, s2, aw1_ptr, as1_ptr,
                                aw2_ptr, as2_ptr, gt, gs_ptr, NT, BC, PREC)
