@@ -570,7 +570,7 @@ def run_aot_tiled(tiles=(4, 8)) -> int:
             (TP._bwd_kernel, dict(PHASE=0), 4, "persistent bwd"),
             (TP._bwd_kernel, dict(PHASE=0), 8, "persistent bwd"),
             (TP._bwd_kernel, dict(PHASE=0, STASH=True), 8, "persistent bwd, stash"),
-            *((TT._bwd_segment_kernel, dict(PHASE=ph), 8, f"segment walk phase {ph}") for ph in range(1, 7)),
+            *((TT._bwd_segment_kernel, dict(PHASE=ph), 8, f"segment walk phase {ph}") for ph in range(1, 10)),
         ):
             consts = {k: v for k, v in dict(base, **extra).items() if k in fn.arg_names}
             ok &= _aot_compile(fn, consts, nw, f"tiled x{n} {label}")

@@ -499,83 +499,105 @@ def _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
 
 @triton.jit
 def _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
-                       w1_ptr, w2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
-                       p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, gs_ptr, dqs_ptr, da1_ptr, ddl1_ptr, dd2_ptr, hd_ptr,
-                       dth_ptr, det_ptr, dal_ptr, zs_ptr, us_ptr, d2s_ptr,
-                       T, t0, NT, clip,
-                       BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
-                       ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-                       STASH: tl.constexpr):
-    """Sums R3, R4, R5; every program runs the per-head coefficient backward (``_coeffs_bwd``) and
-    the clip backward (program 0 writes ``dtheta, deta, dalpha``, the per-head ``dq`` term and
-    ``d n^2``); then the tile's ``d delta1_j`` (stashed) and its R6 partial of ``d delta2``."""
+                w1_ptr, w2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
+                p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, gs_ptr, dqs_ptr, da1_ptr, ddl1_ptr, dd2_ptr, hd_ptr,
+                dth_ptr, det_ptr, dal_ptr, zs_ptr, us_ptr, d2s_ptr,
+                T, t0, NT, clip,
+                BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
+                ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+                STASH: tl.constexpr, PART: tl.constexpr = 0):
+    """Phase 4. The per-head half: sums R3, R4, R5, runs the ``c x c`` coefficient backward
+    (``_coeffs_bwd``) and the clip backward, and writes ``dtheta, deta, dalpha``, the per-head
+    ``dq`` term and (clip only) ``d n^2``. The tile half: the tile's ``d delta1_j`` (stashed) and
+    its R6 partial of ``d delta2``, which take ``d n^2`` from the per-head half.
+
+    ``PART = 0``: both, every program running the per-head half again (program 0 stores its
+    results), so no program waits on another; ``PART = 1``: the per-head half only (one program
+    per head, ``j = 0``); ``PART = 2``: the tile half only, reading ``d n^2`` from ``HD`` (written
+    by a ``PART = 1`` launch before it). Split, the tile half holds fewer live tensors (the
+    per-head outputs keep the whole coefficient backward live): the compile report of
+    ``docs/kernels.md``."""
     rc = tl.arange(0, BC)
     rd = tl.arange(0, D)
     ocd = rc[:, None] * D + rd[None, :]
     occ = rc[:, None] * BC + rc[None, :]
     q, k, v, th, et, al, valid, rmask, xoff, goff = _load_chunk(
         q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, bh, T, t0, BC, D)
-    go = tl.load(go_ptr + xoff, mask=rmask[:, None], other=0.0)
-    o1, o2 = _tile_offsets(bh, j, D, F, BF)
     # the per-head coefficient backward first, the tile's hidden activations after it: fewer
     # tensors live at once (this phase spilled most)
     delta2 = _bwd_delta2(k, v, p_ptr + bh * NT * BC * D, d2s_ptr, bh, j, rmask, NT, BC, D, RES, STASH)
     thc, nrm, r, kk, dd1, hh, dd2 = _bwd_clip(k, delta2, th, n_ptr + bh * NT * 2 * BC, NT, clip, BC, CLIP)
     A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(thc, et, al, valid, BC)
-    XH = _sum_tiles(xh_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R3
-    dN1 = _sum_tiles(dn1_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R4
-    gt = gt_ptr + bh * NT * 4 * BC  # R5
-    dbeta = _sum_tiles(gt, NT, 4 * BC, rc)
-    dg = _sum_tiles(gt + BC, NT, 4 * BC, rc)
-    dcl = _sum_tiles(gt + 2 * BC, NT, 4 * BC, rc)
-    dml = _sum_tiles(gt + 3 * BC, NT, 4 * BC, rc)
-    gs = gs_ptr + bh * NT * 4
-    dbl = _sum_tiles(gs, NT, 4, 0)
-    dgl = _sum_tiles(gs + 1, NT, 4, 0)
-    d_el = _sum_tiles(gs + 2, NT, 4, 0)
     QK = _mm(q, tl.trans(k), PREC)
-    dN2 = -_mm(go, tl.trans(delta2), PREC)
-    dth, det, dal = _coeffs_bwd(dN1 * QK + dN2 * XH, dbeta, dg, dcl, dml, dbl, dgl, d_el, thc, et, al, valid,
-                                A, Dm, Pm, beta, E, BC)
-    if CLIP:
-        dth, dn2 = _clip_bwd(dth, th, nrm, r, clip, rmask)
-    else:
-        dn2 = th * 0.0
-    if j == 0:
-        tl.store(dth_ptr + goff, dth, mask=rmask)
-        tl.store(det_ptr + goff, det, mask=rmask)
-        tl.store(dal_ptr + goff, dal, mask=rmask)
-        dq_head = _mm(dN1 * C, k, PREC)
-        if RES:
-            dq_head += go
-        tl.store(dqs_ptr + (bh * (NT + 1) + NT) * BC * D + ocd, dq_head)
+    if PART == 2:
         if CLIP:
-            tl.store(hd_ptr + bh * BC + rc, dn2)
-    ts = _tile_scratch(bh, j, NT, BC, BF)
-    da1 = tl.load(da1_ptr + ts)
-    ddelta1 = (-_mm(tl.trans(QK * C), da1, PREC) - cl[:, None] * _mm(k, tl.load(aw1_ptr + o1), PREC)
-               - ml[:, None] * _mm(k, tl.load(as1_ptr + o1), PREC))
-    z1, h1, sd1, u, delta1 = _bwd_hidden(k, delta2, tl.load(w1_ptr + o1), tl.load(w2_ptr + o2), zs_ptr, us_ptr,
-                                         bh, j, NT, BC, BF, ACT, PREC, STASH)
-    if CLIP:
-        ddelta1 += (2.0 * dn2 * kk)[:, None] * delta1
-    tl.store(ddl1_ptr + ts, ddelta1)
-    dd2_j = (_mm(ddelta1 * sd1, tl.load(w2_ptr + o2), PREC) - cl[:, None] * _mm(h1, tl.load(aw2_ptr + o2), PREC)
-             - ml[:, None] * _mm(h1, tl.load(as2_ptr + o2), PREC))
-    tl.store(dd2_ptr + (bh * NT + j) * BC * D + ocd, dd2_j)
+            dn2 = tl.load(hd_ptr + bh * BC + rc, cache_modifier=".cg")
+        else:
+            dn2 = th * 0.0
+    else:
+        go = tl.load(go_ptr + xoff, mask=rmask[:, None], other=0.0)
+        XH = _sum_tiles(xh_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R3
+        dN1 = _sum_tiles(dn1_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R4
+        gt = gt_ptr + bh * NT * 4 * BC  # R5
+        dbeta = _sum_tiles(gt, NT, 4 * BC, rc)
+        dg = _sum_tiles(gt + BC, NT, 4 * BC, rc)
+        dcl = _sum_tiles(gt + 2 * BC, NT, 4 * BC, rc)
+        dml = _sum_tiles(gt + 3 * BC, NT, 4 * BC, rc)
+        gs = gs_ptr + bh * NT * 4
+        dbl = _sum_tiles(gs, NT, 4, 0)
+        dgl = _sum_tiles(gs + 1, NT, 4, 0)
+        d_el = _sum_tiles(gs + 2, NT, 4, 0)
+        dN2 = -_mm(go, tl.trans(delta2), PREC)
+        dth, det, dal = _coeffs_bwd(dN1 * QK + dN2 * XH, dbeta, dg, dcl, dml, dbl, dgl, d_el, thc, et, al, valid,
+                                    A, Dm, Pm, beta, E, BC)
+        if CLIP:
+            dth, dn2 = _clip_bwd(dth, th, nrm, r, clip, rmask)
+        else:
+            dn2 = th * 0.0
+        if j == 0:
+            tl.store(dth_ptr + goff, dth, mask=rmask)
+            tl.store(det_ptr + goff, det, mask=rmask)
+            tl.store(dal_ptr + goff, dal, mask=rmask)
+            dq_head = _mm(dN1 * C, k, PREC)
+            if RES:
+                dq_head += go
+            tl.store(dqs_ptr + (bh * (NT + 1) + NT) * BC * D + ocd, dq_head)
+            if CLIP:
+                tl.store(hd_ptr + bh * BC + rc, dn2)
+    if PART != 1:
+        o1, o2 = _tile_offsets(bh, j, D, F, BF)
+        ts = _tile_scratch(bh, j, NT, BC, BF)
+        da1 = tl.load(da1_ptr + ts)
+        ddelta1 = (-_mm(tl.trans(QK * C), da1, PREC) - cl[:, None] * _mm(k, tl.load(aw1_ptr + o1), PREC)
+                   - ml[:, None] * _mm(k, tl.load(as1_ptr + o1), PREC))
+        z1, h1, sd1, u, delta1 = _bwd_hidden(k, delta2, tl.load(w1_ptr + o1), tl.load(w2_ptr + o2), zs_ptr, us_ptr,
+                                             bh, j, NT, BC, BF, ACT, PREC, STASH)
+        if CLIP:
+            ddelta1 += (2.0 * dn2 * kk)[:, None] * delta1
+        tl.store(ddl1_ptr + ts, ddelta1)
+        dd2_j = (_mm(ddelta1 * sd1, tl.load(w2_ptr + o2), PREC)
+                 - cl[:, None] * _mm(h1, tl.load(aw2_ptr + o2), PREC)
+                 - ml[:, None] * _mm(h1, tl.load(as2_ptr + o2), PREC))
+        tl.store(dd2_ptr + (bh * NT + j) * BC * D + ocd, dd2_j)
 
 
 @triton.jit
 def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_ptr,
-                      w1_ptr, w2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
-                      p_ptr, n_ptr, xh_ptr, dn1_ptr, dd2_ptr, hd_ptr, dks_ptr, x1_ptr, da1_ptr, ddl1_ptr,
-                      zs_ptr, us_ptr, d2s_ptr, T, t0, NT, clip,
-                      BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
-                      ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-                      STASH: tl.constexpr):
-    """Sums R6 (``d delta2``; program 0 writes ``dv`` and the per-head ``dk`` term), then the tile's
-    ``dz1``, its R8 partial of ``dk``, and the adjoint of its slice of the chunk-start state,
-    written in place over the adjoint of the state after the chunk."""
+               w1_ptr, w2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr, aw1o_ptr, as1o_ptr, aw2o_ptr, as2o_ptr,
+               p_ptr, n_ptr, xh_ptr, dn1_ptr, dd2_ptr, hd_ptr, dks_ptr, x1_ptr, da1_ptr, ddl1_ptr,
+               zs_ptr, us_ptr, d2s_ptr, T, t0, NT, clip,
+               BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
+               ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+               STASH: tl.constexpr, HALF=0):
+    """Phase 5. Sums R6 (``d delta2``; program 0 writes ``dv`` and the per-head ``dk`` term), then
+    the tile's ``dz1``, its R8 partial of ``dk``, and the adjoint of its slice of the chunk-start
+    state from that of the state after the chunk (``aw1 ..``), written to ``aw1o ..`` (the same
+    tensors: in place).
+
+    ``HALF``: 0 (a constant) computes both halves; 1 or 2 (a run-time value: the two halves of one
+    launch run as separate programs) only the ``W1, S1`` half (with ``dz1``, ``dk`` and ``dv``)
+    or only the ``W2, S2`` half. The ``W1`` half reads the input adjoint of ``W2, S2``, so split
+    halves need ``aw1o ..`` to be other tensors than ``aw1 ..``."""
     rc = tl.arange(0, BC)
     rd = tl.arange(0, D)
     ocd = rc[:, None] * D + rd[None, :]
@@ -584,9 +606,8 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
         q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, bh, T, t0, BC, D)
     go = tl.load(go_ptr + xoff, mask=rmask[:, None], other=0.0)
     o1, o2 = _tile_offsets(bh, j, D, F, BF)
-    w1 = tl.load(w1_ptr + o1)
-    w2 = tl.load(w2_ptr + o2)
-    delta2, z1, h1, sd1, u, delta1 = _bwd_fetch(k, v, w1, w2, p_ptr + bh * NT * BC * D, zs_ptr, us_ptr, d2s_ptr,
+    delta2, z1, h1, sd1, u, delta1 = _bwd_fetch(k, v, tl.load(w1_ptr + o1), tl.load(w2_ptr + o2),
+                                                p_ptr + bh * NT * BC * D, zs_ptr, us_ptr, d2s_ptr,
                                                 bh, j, rmask, NT, BC, D, BF, ACT, RES, PREC, STASH)
     thc, _, _, kk, dd1, hh, dd2 = _bwd_clip(k, delta2, th, n_ptr + bh * NT * 2 * BC, NT, clip, BC, CLIP)
     A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(thc, et, al, valid, BC)
@@ -598,47 +619,51 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
     else:
         dn2 = th * 0.0
     dy = 2.0 * ddelta2
-    if j == 0:
-        tl.store(dv_ptr + xoff, -dy, mask=rmask[:, None])
-        dN1 = _sum_tiles(dn1_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R4 (again)
-        dk_head = _mm(tl.trans(dN1 * C), q, PREC)
-        if RES:
-            dk_head += dy
-        if CLIP:
-            dk_head += (2.0 * dn2 * dd1)[:, None] * k
-        tl.store(dks_ptr + (bh * (NT + 1) + NT) * BC * D + ocd, dk_head)
     ts = _tile_scratch(bh, j, NT, BC, BF)
-    x1 = tl.load(x1_ptr + ts)
-    da1 = tl.load(da1_ptr + ts)
-    ddelta1 = tl.load(ddl1_ptr + ts)
-    aw1 = tl.load(aw1_ptr + o1)
-    as1 = tl.load(as1_ptr + o1)
-    aw2 = tl.load(aw2_ptr + o2)
-    as2 = tl.load(as2_ptr + o2)
-    dXHC = -_mm(go, tl.trans(delta2), PREC) * C
-    cd2 = cl[:, None] * delta2
-    md2 = ml[:, None] * delta2
-    dh1 = (_mm(tl.trans(dXHC), x1, PREC) + _mm(dy, tl.trans(w2), PREC)
-           - _mm(cd2, tl.trans(aw2), PREC) - _mm(md2, tl.trans(as2), PREC))
-    if CLIP:
-        dh1 += (2.0 * dn2 * dd2)[:, None] * h1
-    dz1 = dh1 * sd1 + ddelta1 * u * _act_dd(z1, ACT)
-    dk_j = (_mm(dz1, tl.trans(w1), PREC) - _mm(cl[:, None] * delta1, tl.trans(aw1), PREC)
-            - _mm(ml[:, None] * delta1, tl.trans(as1), PREC))
-    tl.store(dks_ptr + (bh * (NT + 1) + j) * BC * D + ocd, dk_j)
-    tq = tl.trans(q)
-    tx1 = tl.trans(x1)
-    aw1n = bl * aw1 + _mm(tq, beta[:, None] * da1, PREC) + _mm(tl.trans(k), dz1, PREC)
-    as1n = gl * aw1 + el * as1 + _mm(tq, g[:, None] * da1, PREC)
-    aw2n = (bl * aw2 + _mm(tx1, beta[:, None] * go, PREC) + _mm(tl.trans(ddelta1 * sd1), delta2, PREC)
-            + _mm(tl.trans(h1), dy, PREC))
-    as2n = gl * aw2 + el * as2 + _mm(tx1, g[:, None] * go, PREC)
-    # every thread of the program has read the tile's adjoint before any overwrites it
-    tl.debug_barrier()
-    tl.store(aw1_ptr + o1, aw1n)
-    tl.store(as1_ptr + o1, as1n)
-    tl.store(aw2_ptr + o2, aw2n)
-    tl.store(as2_ptr + o2, as2n)
+    if HALF != 2:  # W1, S1; dz1, dk, dv
+        if j == 0:
+            tl.store(dv_ptr + xoff, -dy, mask=rmask[:, None])
+            dN1 = _sum_tiles(dn1_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R4 (again)
+            dk_head = _mm(tl.trans(dN1 * C), q, PREC)
+            if RES:
+                dk_head += dy
+            if CLIP:
+                dk_head += (2.0 * dn2 * dd1)[:, None] * k
+            tl.store(dks_ptr + (bh * (NT + 1) + NT) * BC * D + ocd, dk_head)
+        x1 = tl.load(x1_ptr + ts)
+        ddelta1 = tl.load(ddl1_ptr + ts)
+        dXHC = -_mm(go, tl.trans(delta2), PREC) * C
+        dh1 = (_mm(tl.trans(dXHC), x1, PREC) + _mm(dy, tl.trans(tl.load(w2_ptr + o2)), PREC)
+               - _mm(cl[:, None] * delta2, tl.trans(tl.load(aw2_ptr + o2)), PREC)
+               - _mm(ml[:, None] * delta2, tl.trans(tl.load(as2_ptr + o2)), PREC))
+        if CLIP:
+            dh1 += (2.0 * dn2 * dd2)[:, None] * h1
+        dz1 = dh1 * sd1 + ddelta1 * u * _act_dd(z1, ACT)
+        aw1 = tl.load(aw1_ptr + o1)
+        as1 = tl.load(as1_ptr + o1)
+        dk_j = (_mm(dz1, tl.trans(tl.load(w1_ptr + o1)), PREC) - _mm(cl[:, None] * delta1, tl.trans(aw1), PREC)
+                - _mm(ml[:, None] * delta1, tl.trans(as1), PREC))
+        tl.store(dks_ptr + (bh * (NT + 1) + j) * BC * D + ocd, dk_j)
+        tq = tl.trans(q)
+        da1 = tl.load(da1_ptr + ts)
+        aw1n = bl * aw1 + _mm(tq, beta[:, None] * da1, PREC) + _mm(tl.trans(k), dz1, PREC)
+        as1n = gl * aw1 + el * as1 + _mm(tq, g[:, None] * da1, PREC)
+        # every thread of the program has read the tile's adjoint before any overwrites it (in place)
+        tl.debug_barrier()
+        tl.store(aw1o_ptr + o1, aw1n)
+        tl.store(as1o_ptr + o1, as1n)
+    if HALF != 1:  # W2, S2
+        x1 = tl.load(x1_ptr + ts)
+        ddelta1 = tl.load(ddl1_ptr + ts)
+        tx1 = tl.trans(x1)
+        aw2 = tl.load(aw2_ptr + o2)
+        as2 = tl.load(as2_ptr + o2)
+        aw2n = (bl * aw2 + _mm(tx1, beta[:, None] * go, PREC) + _mm(tl.trans(ddelta1 * sd1), delta2, PREC)
+                + _mm(tl.trans(h1), dy, PREC))
+        as2n = gl * aw2 + el * as2 + _mm(tx1, g[:, None] * go, PREC)
+        tl.debug_barrier()
+        tl.store(aw2o_ptr + o2, aw2n)
+        tl.store(as2o_ptr + o2, as2n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -653,12 +678,16 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
 # X1, DA1, ZS, US, D2S; one slot: GS, DD2, DDL1, HD (written and read within one chunk's walk).
 # PHASE of _bwd_segment_kernel (the kernel compares literals: Triton reads no plain globals)
 SEG_KEYS, SEG_NORMS, SEG_RETRIEVAL, SEG_GATES, SEG_COEFFS, SEG_STATE = 1, 2, 3, 4, 5, 6
+# phase 4 split (``split_coeffs``): its per-head half, one program per head, then its tile half
+SEG_HEAD_COEFFS, SEG_TILE_COEFFS = 7, 8
+# phase 5 as two programs per tile (``split_state``): the W1, S1 half and the W2, S2 half, grid (NT, BH, 2)
+SEG_STATE_HALVES = 9
 
 
 @triton.jit(do_not_specialize=["c0", "s_walk"])
 def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_ptr, dth_ptr, det_ptr, dal_ptr,
                         w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
-                        p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, dqs_ptr, dks_ptr, x1_ptr, da1_ptr,
+                        aw1o_ptr, as1o_ptr, aw2o_ptr, as2o_ptr, p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, dqs_ptr, dks_ptr, x1_ptr, da1_ptr,
                         zs_ptr, us_ptr, d2s_ptr, gs_ptr, dd2_ptr, ddl1_ptr, hd_ptr,
                         BH, T, c0, s_walk, NT, clip,
                         BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
@@ -667,8 +696,12 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
     """One phase of the segment walk for tile ``program_id(0)`` of head ``program_id(1)``: for
     ``PHASE`` ``SEG_KEYS, SEG_NORMS, SEG_RETRIEVAL`` (phases 1, 2 without the adjoint, 3) of chunk
     ``c0 + program_id(2)``; for ``SEG_GATES, SEG_COEFFS, SEG_STATE`` (the adjoint half of phase 2,
-    phases 4, 5) of chunk ``c0 + s_walk``. ``w1 ..`` hold the segment's chunk-start states (slot
-    stride ``BH D F``); the adjoint ``aw1 ..`` is updated in place by ``SEG_STATE``."""
+    phases 4, 5) of chunk ``c0 + s_walk``, and for ``SEG_HEAD_COEFFS, SEG_TILE_COEFFS`` (phase 4 in
+    two launches: the per-head half, grid ``(1, BH)``, then the tile half) and ``SEG_STATE_HALVES``
+    (phase 5 with ``program_id(2)`` picking its half). ``w1 ..`` hold the segment's chunk-start
+    states (slot stride ``BH D F``). The state phase reads the adjoint of the state after the chunk
+    from ``aw1 ..`` and writes that of the chunk-start state to ``aw1o ..`` (the same tensors: in
+    place; other tensors with the halves)."""
     j = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     if PHASE <= 3:  # SEG_KEYS .. SEG_RETRIEVAL: over the chunks
@@ -715,12 +748,18 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
         _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, w1, s1, w2, s2,
                        p, n, xh, dn1, gt, dqs, x1, da1, zs, us, d2s, T, t0, NT, clip,
                        BC, D, F, BF, ACT, RES, CLIP, PREC, True)
-    elif PHASE == 5:  # SEG_COEFFS
+    elif PHASE == 5 or PHASE == 7 or PHASE == 8:  # SEG_COEFFS, SEG_HEAD_COEFFS, SEG_TILE_COEFFS
         _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, w1, w2,
                     aw1_ptr, as1_ptr, aw2_ptr, as2_ptr, p, n, xh, dn1, gt, gs_ptr, dqs, da1, ddl1_ptr, dd2_ptr,
                     hd_ptr, dth_ptr, det_ptr, dal_ptr, zs, us, d2s, T, t0, NT, clip,
-                    BC, D, F, BF, ACT, RES, CLIP, PREC, True)
-    else:  # SEG_STATE
+                    BC, D, F, BF, ACT, RES, CLIP, PREC, True, 0 if PHASE == 5 else PHASE - 6)
+    elif PHASE == 6:  # SEG_STATE
         _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_ptr, w1, w2,
-                   aw1_ptr, as1_ptr, aw2_ptr, as2_ptr, p, n, xh, dn1, dd2_ptr, hd_ptr, dks, x1, da1, ddl1_ptr,
+                   aw1_ptr, as1_ptr, aw2_ptr, as2_ptr, aw1o_ptr, as1o_ptr, aw2o_ptr, as2o_ptr,
+                   p, n, xh, dn1, dd2_ptr, hd_ptr, dks, x1, da1, ddl1_ptr,
                    zs, us, d2s, T, t0, NT, clip, BC, D, F, BF, ACT, RES, CLIP, PREC, True)
+    else:  # SEG_STATE_HALVES: program_id(2) picks the half
+        _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_ptr, w1, w2,
+                   aw1_ptr, as1_ptr, aw2_ptr, as2_ptr, aw1o_ptr, as1o_ptr, aw2o_ptr, as2o_ptr,
+                   p, n, xh, dn1, dd2_ptr, hd_ptr, dks, x1, da1, ddl1_ptr,
+                   zs, us, d2s, T, t0, NT, clip, BC, D, F, BF, ACT, RES, CLIP, PREC, True, tl.program_id(2) + 1)
