@@ -44,8 +44,8 @@ from titans_memory.ops.triton_tiled import (  # noqa: E402
 )
 
 SPEC = MemoryMLPSpec("silu", residual=True)
-# (n_tiles, clip, precision, persistent[, bwd_tiles, bwd_warps, stash, bwd_graph, split_coeffs,
-# split_state]; defaults n_tiles, 4, False, False, False, False).
+# (n_tiles, clip, precision, persistent[, bwd_tiles, bwd_warps, stash, bwd_graph, hoist_coeffs];
+# defaults n_tiles, 4, False, False, True).
 # bf16 operands are left out: on the H200 (Triton 3.6) the persistent backward with bf16 operands
 # stopped with an illegal memory access (2026-12-01), and that poisons the CUDA context of the run.
 CHECKED = [(4, 1.0, "tf32", True, 4, 8, True), (4, 1.0, "tf32", True, 4, 8, True, True),
@@ -58,26 +58,26 @@ SHAPES = [(64, 4, 64), (64, 2, 64), (32, 2, 32), (32, 4, 32), (16, 4, 16)]
 
 
 def _label(v) -> str:
-    n, clip, prec, pers, bt, bw, st, gr, sc, ss = _full(v)
+    n, clip, prec, pers, bt, bw, st, gr, ho = _full(v)
     bwd = f", bwd x{bt} {bw} warps" if (bt, bw) != (n, 4) else ""
-    split = "".join(f", split {w}" for w, on in (("coeffs", sc), ("state", ss)) if on)
+    walk = (", bwd graph, segment walk" + ("" if ho else " (coefficients not hoisted)")) if st else ", bwd graph"
     return (f"x{n} clip {clip} {prec} {'persistent' if pers else 'launch/phase'}{bwd}{', stash' if st else ''}"
-            f"{(', bwd graph, segment walk' if st else ', bwd graph') if gr else ''}{split}")
+            f"{walk if gr else ''}")
 
 
 def _full(v):
-    """(n_tiles, clip, precision, persistent[, bwd_tiles, bwd_warps, stash, bwd_graph, split_coeffs,
-    split_state]) with the defaults filled in."""
+    """(n_tiles, clip, precision, persistent[, bwd_tiles, bwd_warps, stash, bwd_graph, hoist_coeffs])
+    with the defaults filled in."""
     n, clip, prec, pers = v[:4]
-    flag = lambda i: bool(v[i]) if len(v) > i else False  # noqa: E731
+    flag = lambda i, default=False: bool(v[i]) if len(v) > i else default  # noqa: E731
     return (n, clip, prec, pers, (v[4] if len(v) > 4 else n), (v[5] if len(v) > 5 else 4), flag(6), flag(7),
-            flag(8), flag(9))
+            flag(8, True))
 
 
 def _walk_options(v) -> dict:
     """The keyword arguments of ``neural_memory_tiled_triton_train`` for variant ``v``'s backward."""
-    n, clip, prec, pers, bt, bw, st, gr, sc, ss = _full(v)
-    return dict(bwd_tiles=bt, num_warps=(8, bw), stash=st, bwd_graph=gr, split_coeffs=sc, split_state=ss)
+    n, clip, prec, pers, bt, bw, st, gr, ho = _full(v)
+    return dict(bwd_tiles=bt, num_warps=(8, bw), stash=st, bwd_graph=gr, hoist_coeffs=ho)
 
 
 def _run_variant(v, T, Bq=B, H=HEADS, seed=0, train=True):
@@ -123,7 +123,7 @@ def check(variants, T=1008, full=True) -> bool:
     args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, torch.device("cuda"), seed=0)
     refs = {}
     for v in variants:
-        n, clip, prec, pers, _, _, _, graph, _, _ = _full(v)
+        n, clip, prec, pers, _, _, _, graph, _ = _full(v)
         t0 = time.perf_counter()
         try:
             if clip not in refs:  # the fp64 reference: outputs and gradients (same cotangents as _run_variant)
@@ -300,10 +300,7 @@ def diag(T: int = 8192) -> None:
 SEG_PREPASS = ["1 keys (all chunks)", "2 norms, stash (all chunks)", "3 retrieval (all chunks)"]
 
 
-def _seg_walk_names(split_coeffs: bool) -> list:
-    """The segment walk's launches per chunk, in order (the state phase is one launch, split or not)."""
-    coeffs = ["4a per-head coefficients", "4b tile coefficients"] if split_coeffs else ["4 coefficients"]
-    return ["2a adjoint gate terms", *coeffs, "5 state adjoint"]
+SEG_WALK = ["2a adjoint gate terms", "4 coefficients", "5 state adjoint"]
 
 
 def diag_bwd(T: int = 8192, variant=None) -> None:
@@ -318,7 +315,7 @@ def diag_bwd(T: int = 8192, variant=None) -> None:
     opts = [dict(bwd_graph=False), dict(bwd_graph=True)] if variant is None else [_walk_options(variant)]
     for kw in opts:
         graph = kw["bwd_graph"]
-        walk = _seg_walk_names(kw.get("split_coeffs", False))
+        pre = SEG_PREPASS + (["4' coefficients, adjoint-free part (all chunks)"] if kw.get("hoist_coeffs", True) else [])
         n_tiles = _full(variant)[0] if variant is not None else 4
 
         def run():
@@ -335,7 +332,8 @@ def diag_bwd(T: int = 8192, variant=None) -> None:
         seg_i = 0
         for name, _, us in ks:
             if "_bwd_segment_kernel" in name:  # per segment: 3 launches over its chunks, then 3 per chunk
-                name = f"_bwd_segment_kernel phase {SEG_PREPASS[seg_i] if seg_i < 3 else walk[(seg_i - 3) % len(walk)]}"
+                name = (f"_bwd_segment_kernel phase "
+                        f"{pre[seg_i] if seg_i < len(pre) else SEG_WALK[(seg_i - len(pre)) % 3]}")
                 seg_i += 1
             else:
                 seg_i = 0

@@ -265,17 +265,14 @@ def test_tiled_triton_train_gradients_equal_chunked(n_tiles, clip, spec, persist
         assert err < REL_TOL, f"{name}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("split_coeffs", [False, True])
-@pytest.mark.parametrize("split_state", [False, True])
-def test_segment_walk_over_longer_segments_with_a_partial_last_chunk(monkeypatch, split_coeffs, split_state):
+@pytest.mark.parametrize("hoist_coeffs", [False, True])
+def test_segment_walk_over_longer_segments_with_a_partial_last_chunk(monkeypatch, hoist_coeffs):
     """The segment walk (launch per phase with the stash: the CUDA-graph backward's walk) with
     segments of 4 and 2 chunks, the last one partial, so that every per-chunk scratch slot is
     used and the adjoint-free phases of several chunks run in one launch; gradients vs fp64
     autograd, bound REL_TOL. Also checks that this path is the one taken, and with
-    ``split_coeffs`` that phase 4 runs as a per-head launch (grid ``(1, BH)``) and a per-tile one,
-    with ``split_state`` that phase 5 runs as two programs per tile (grid ``(NT, BH, 2)``) from one
-    buffer of the adjoint into the other (then in two segments of 3 chunks: after an odd number of
-    swaps the adjoint is copied back into the caller's buffer)."""
+    ``hoist_coeffs`` that the adjoint-free part of the coefficient backward runs once per segment
+    (grid ``(1, BH, nc)``) and the walk's phase 4 is the hoisted one."""
     import titans_memory.ops.triton_tiled as tt
 
     launches = []
@@ -296,18 +293,19 @@ def test_segment_walk_over_longer_segments_with_a_partial_last_chunk(monkeypatch
     spec = MemoryMLPSpec("silu", True)
     leaves = [t.clone().requires_grad_(True) for t in (*gates, *W, *S)]
     o, W_T, S_T = neural_memory_tiled_triton_train(*leaves[:6], leaves[6:8], leaves[8:], spec, CHUNK, 0.05,
-                                                   n_tiles=2, segment_chunks=3 if split_state else 4, stash=True,
-                                                   split_coeffs=split_coeffs, split_state=split_state)
+                                                   n_tiles=2, segment_chunks=4, stash=True,
+                                                   hoist_coeffs=hoist_coeffs)
     outs = [o, *W_T, *S_T]
     cots = [torch.randn_like(t) for t in outs]
     grads = torch.autograd.grad(sum((t * c).sum() for t, c in zip(outs, cots)), leaves)
-    # per segment: 3 launches over its chunks (grid (2, 2, nc)) and 3 per chunk (4 split)
+    # per segment: 3 launches over its chunks (grid (2, 2, nc)), 1 more hoisted, and 3 per chunk
     pre = [g for g, ph in launches if ph in (tt.SEG_KEYS, tt.SEG_NORMS, tt.SEG_RETRIEVAL)]
-    assert sorted(g[2] for g in pre) == ([3] * 6 if split_state else [2, 2, 2, 4, 4, 4])
-    walk = [(g, ph) for g, ph in launches if ph not in (tt.SEG_KEYS, tt.SEG_NORMS, tt.SEG_RETRIEVAL)]
-    assert len(walk) == (4 if split_coeffs else 3) * 6
-    assert sum(g == (1, 2) for g, _ in walk) == (6 if split_coeffs else 0)
-    assert sum(g == (2, 2, 2) and ph == tt.SEG_STATE_HALVES for g, ph in walk) == (6 if split_state else 0)
+    assert sorted(g for g in pre) == [(2, 2, 2)] * 3 + [(2, 2, 4)] * 3
+    hoisted = [g for g, ph in launches if ph == tt.SEG_COEFFS_PRE]
+    assert sorted(hoisted) == ([(1, 2, 2), (1, 2, 4)] if hoist_coeffs else [])
+    walk = [ph for g, ph in launches if len(g) == 2]
+    coeffs = tt.SEG_COEFFS_WALK if hoist_coeffs else tt.SEG_COEFFS
+    assert walk == [tt.SEG_GATES, coeffs, tt.SEG_STATE] * 6
     ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
     ro, rW, rS = neural_memory_chunked(*ref_leaves[:6], ref_leaves[6:8], ref_leaves[8:], spec, CHUNK, 0.05)
     ref = torch.autograd.grad(sum((t * c.double()).sum() for t, c in zip([ro, *rW, *rS], cots)), ref_leaves)

@@ -162,6 +162,41 @@ def _coeffs_bwd(dC, dbeta, dg, dcl, dml, dbl, dgl, d_el, th, et, al, valid, A, D
     dDD = dDm * Dm
     dck = dbeta * beta + tl.sum(dAA, axis=1) - tl.sum(dAA, axis=0)
     dce = dE * E + tl.sum(dDD, axis=1) - tl.sum(dDD, axis=0)
+    det, dal = _gates_from_log_grads(dck, dce, et, al, inb, BC)
+    return dth, det, dal
+
+
+@triton.jit
+def _coeffs_bwd_last(dcl, dml, dbl, dgl, d_el, th, et, al, valid, A, Dm, Pm, beta, E, BC: tl.constexpr):
+    """:func:`_coeffs_bwd` when only the last-row coefficients have cotangents (``dC, dbeta, dg``
+    zero), without a matmul: ``dC`` is then one row (``dcl``), so ``dA`` is one row and ``dDm``
+    a rank-one term plus a row. The backward is linear in the cotangents, so this part and the
+    rest (``_coeffs_bwd`` with ``dcl .. d_el`` zero) add up to the whole."""
+    rows = tl.arange(0, BC)
+    inb = rows < valid
+    last = rows == (valid - 1)
+    thm = tl.where(inb, th, 0.0)
+    aL = tl.sum(tl.where(last[:, None], A, 0.0), axis=0)  # A[L, :]
+    dL = tl.sum(tl.where(last[:, None], Dm, 0.0), axis=0)  # Dm[L, :]
+    pL = tl.sum(tl.where(last[:, None], Pm, 0.0), axis=0)  # Pm[L, :]
+    dth = dcl * pL + dml * dL
+    p = dcl * thm  # row L of dP
+    dAL = tl.sum(Dm * p[None, :], axis=1) + dgl * E  # row L of dA
+    dAAL = dAL * aL  # row L of dA * A
+    dck = tl.where(last, dbl * beta + tl.sum(dAAL, axis=0), 0.0) - dAAL
+    dDm = tl.where(last[:, None], (dml * thm)[None, :], 0.0) + aL[:, None] * p[None, :]
+    dDD = dDm * Dm
+    dE = tl.where(last, d_el, 0.0) + dgl * aL
+    dce = dE * E + tl.sum(dDD, axis=1) - tl.sum(dDD, axis=0)
+    det, dal = _gates_from_log_grads(dck, dce, et, al, inb, BC)
+    return dth, det, dal
+
+
+@triton.jit
+def _gates_from_log_grads(dck, dce, et, al, inb, BC: tl.constexpr):
+    """``(deta, dalpha)`` from the gradients of the cumulative log decays (through the cumsums
+    and the logs of ``eta`` and ``1 - alpha``)."""
+    rows = tl.arange(0, BC)
     dck = tl.where(inb, dck, 0.0)
     dce = tl.where(inb, dce, 0.0)
     tri = rows[:, None] >= rows[None, :]
@@ -170,7 +205,7 @@ def _coeffs_bwd(dC, dbeta, dg, dcl, dml, dbl, dgl, d_el, th, et, al, valid, A, D
     one_m = 1.0 - al
     dal = tl.where(one_m >= _TINY, -dlk / one_m, 0.0)
     det = tl.where(et >= _TINY, dle / et, 0.0)
-    return dth, det, dal
+    return det, dal
 
 
 # ---------------------------------------------------------------------------------------------

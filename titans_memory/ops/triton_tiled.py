@@ -30,14 +30,13 @@ from .triton_tiled_kernels import (
     PREC,
     PRECISIONS,
     SEG_COEFFS,
+    SEG_COEFFS_PRE,
+    SEG_COEFFS_WALK,
     SEG_GATES,
-    SEG_HEAD_COEFFS,
     SEG_KEYS,
     SEG_NORMS,
     SEG_RETRIEVAL,
     SEG_STATE,
-    SEG_STATE_HALVES,
-    SEG_TILE_COEFFS,
     _bwd_rows_kernel,
     _bwd_segment_kernel,
     _keys_kernel,
@@ -284,7 +283,7 @@ class _TrainCfg:
 
     def __init__(self, BH, T, d, hid, spec, chunk, n_tiles, max_update_norm, segment_chunks, prec=PREC,
                  persistent=False, check=True, bwd_tiles=None, num_warps=(8, 4), stash=False, bwd_graph=False,
-                 split_coeffs=False, split_state=False):
+                 hoist_coeffs=True):
         self.BH, self.T, self.d, self.hid = BH, T, d, hid
         self.prec = prec
         self.spec = spec
@@ -296,10 +295,8 @@ class _TrainCfg:
             raise ConfigError(f"num_warps must be (forward, backward), got {num_warps!r}")
         self.fwd_warps, self.bwd_warps = num_warps
         self.stash = stash
-        # the segment walk's phase 4 in two launches (per head, then per tile)
-        self.split_coeffs = split_coeffs
-        # the segment walk's phase 5 as two programs per tile (W1, S1 half; W2, S2 half)
-        self.split_state = split_state
+        # the segment walk: the adjoint-free part of phase 4's coefficient backward before the walk
+        self.hoist_coeffs = hoist_coeffs
         self.n_chunks = -(-T // chunk)
         self.K = segment_chunks or max(1, math.ceil(math.sqrt(self.n_chunks)))
         self.n_seg = -(-self.n_chunks // self.K)
@@ -332,10 +329,10 @@ def _backward_scratch(cfg: _TrainCfg, dev, segmented: bool) -> dict:
                   HD=(BH, BC))
     if cfg.stash:  # z1_j, u_j, delta2 of the current chunk, written in phase 2 (see _bwd_hidden)
         shapes.update(ZS=(BH, NT, BC, BF), US=(BH, NT, BC, BF), D2S=(BH, NT, BC, d))
-    if segmented and cfg.split_state:  # the other buffer of the double-buffered adjoint
-        shapes.update(AW1=(BH, d, cfg.hid), AS1=(BH, d, cfg.hid), AW2=(BH, cfg.hid, d), AS2=(BH, cfg.hid, d))
+    if segmented:  # the hoisted coefficient backward's part of d n^2, per chunk
+        shapes.update(HDP=(BH, BC))
     if segmented:
-        per_chunk = ("P", "N", "XH", "DN1", "GT", "DQ", "DK", "X1", "DA1", "ZS", "US", "D2S")
+        per_chunk = ("P", "N", "XH", "DN1", "GT", "DQ", "DK", "X1", "DA1", "ZS", "US", "D2S", "HDP")
         lead = {name: min(cfg.K, cfg.n_chunks) for name in per_chunk}
     else:
         lead = dict(P=2, DQ=2, DK=2)
@@ -361,27 +358,17 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
     meta = dict(BC=cfg.BC, D=cfg.d, F=cfg.hid, BF=cfg.BF, ACT=cfg.spec.activation, RES=bool(cfg.spec.residual),
                 CLIP=cfg.CLIP, PREC=cfg.prec, num_warps=cfg.bwd_warps, num_stages=1)
     if _uses_segment_walk(cfg, per_phase):
-        seg = lambda a_in, a_out: (  # noqa: E731
-            *xs, *gates, go, dv, dth, det, dal, *starts, *a_in, *a_out,
-            *(scr[name] for name in ("P", "N", "XH", "DN1", "GT", "DQ", "DK", "X1", "DA1", "ZS", "US", "D2S",
-                                     "GS", "DD2", "DDL1", "HD")), BH, cfg.T, c0)
+        seg = (*xs, *gates, go, dv, dth, det, dal, *starts, *adj,
+               *(scr[name] for name in ("P", "N", "XH", "DN1", "GT", "DQ", "DK", "X1", "DA1", "ZS", "US", "D2S",
+                                        "HDP", "GS", "DD2", "DDL1", "HD")), BH, cfg.T, c0)
         for ph in (SEG_KEYS, SEG_NORMS, SEG_RETRIEVAL):
-            _bwd_segment_kernel[(NT, BH, nc)](*seg(adj, adj), 0, NT, cfg.clip, PHASE=ph, **meta)
-        walk = ((SEG_GATES, SEG_HEAD_COEFFS, SEG_TILE_COEFFS) if cfg.split_coeffs else (SEG_GATES, SEG_COEFFS))
-        # the state phase in place, or (split_state) from one buffer of the adjoint into the other
-        cur, spare = list(adj), [scr[name] for name in ("AW1", "AS1", "AW2", "AS2")] if cfg.split_state else None
+            _bwd_segment_kernel[(NT, BH, nc)](*seg, 0, NT, cfg.clip, PHASE=ph, **meta)
+        if cfg.hoist_coeffs:
+            _bwd_segment_kernel[(1, BH, nc)](*seg, 0, NT, cfg.clip, PHASE=SEG_COEFFS_PRE, **meta)
+        walk = (SEG_GATES, SEG_COEFFS_WALK if cfg.hoist_coeffs else SEG_COEFFS, SEG_STATE)
         for s in range(nc - 1, -1, -1):
             for ph in walk:
-                _bwd_segment_kernel[(1 if ph == SEG_HEAD_COEFFS else NT, BH)](*seg(cur, cur), s, NT, cfg.clip,
-                                                                              PHASE=ph, **meta)
-            if cfg.split_state:
-                _bwd_segment_kernel[(NT, BH, 2)](*seg(cur, spare), s, NT, cfg.clip, PHASE=SEG_STATE_HALVES, **meta)
-                cur, spare = spare, cur
-            else:
-                _bwd_segment_kernel[(NT, BH)](*seg(cur, cur), s, NT, cfg.clip, PHASE=SEG_STATE, **meta)
-        if cur[0] is not adj[0]:
-            for dst, src in zip(adj, cur):
-                dst.copy_(src)
+                _bwd_segment_kernel[(NT, BH)](*seg, s, NT, cfg.clip, PHASE=ph, **meta)
         _bwd_rows_kernel[(BH, nc)](scr["DQ"], scr["DK"], dq, dk, cfg.T, c0, NT, scr["DQ"][0].numel(),
                                    BC=cfg.BC, D=cfg.d, num_warps=4, num_stages=1)
         return
@@ -559,8 +546,7 @@ def _graphed_backward(cfg: _TrainCfg, xs, gates, go, ck, adj):
     """The backward from the cached graph of ``cfg``'s configuration, captured now if this is
     its second sighting; ``None`` at the first (the caller then runs it eagerly)."""
     key = (xs[0].device, tuple(xs[0].shape), cfg.hid, cfg.spec, cfg.BC, cfg.NT_fwd, cfg.NT, cfg.K, cfg.CLIP,
-           cfg.clip, cfg.prec, cfg.persistent, cfg.fwd_warps, cfg.bwd_warps, cfg.stash, cfg.split_coeffs,
-           cfg.split_state)
+           cfg.clip, cfg.prec, cfg.persistent, cfg.fwd_warps, cfg.bwd_warps, cfg.stash, cfg.hoist_coeffs)
     graph = _GRAPHS.pop(key, None)
     if graph is None:
         if key in _EVICTED:
@@ -606,8 +592,7 @@ def neural_memory_tiled_triton_train(
     num_warps: Tuple[int, int] = (8, 8),
     stash: bool = True,
     bwd_graph: Optional[bool] = None,
-    split_coeffs: bool = False,
-    split_state: bool = False,
+    hoist_coeffs: bool = True,
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """Differentiable twin of :func:`neural_memory_tiled_triton` (depth 2, same coverage and
     requirements, same result): gradients flow to ``q, k, v, theta, eta, alpha``, ``weights`` and
@@ -630,12 +615,10 @@ def neural_memory_tiled_triton_train(
     configuration in a CUDA graph and replayed (``GRAPH_CACHE_SIZE`` graphs kept, each with its
     own buffers; captured at a configuration's second backward, the first runs the persistent
     backward, as does a configuration whose graph was evicted; ``clear_backward_graphs()`` frees
-    them). ``split_coeffs`` (the segment walk only): phase 4 runs in two launches per chunk, its
-    per-head coefficient and clip backward in one program per head, then its tile-local part,
-    instead of every tile running the per-head part again in one launch (``_bwd_coeffs``).
-    ``split_state`` (the segment walk only): phase 5 runs as two programs per tile, one for the
-    adjoint of ``W1, S1`` (with ``dk``, ``dv``), one for that of ``W2, S2``, writing into a second
-    buffer of the adjoint (``_bwd_state``).
+    them). ``hoist_coeffs`` (the segment walk only, default on): the part of phase 4's per-head
+    coefficient and clip backward that does not depend on the state adjoint (the cotangents from
+    the retrieval) runs for all chunks of a segment in one launch before the walk
+    (``_bwd_coeffs_pre``), leaving the walk the last-row part, which needs no matmul.
 
     The backward (:class:`TiledTritonMemory`) is the hand-written tiled backward of
     :func:`~titans_memory.ops.tiled.chunk_backward_depth2` as Triton kernels: five phases per
@@ -690,8 +673,7 @@ def neural_memory_tiled_triton_train(
     bwd_graph = bool(bwd_graph) if bwd_graph is not None else q.is_cuda
     cfg = _TrainCfg(BH, T, d, hid, spec, chunk_size, n_tiles, max_update_norm, segment_chunks, precision,
                     persistent=persistent, check=check, bwd_tiles=bwd_tiles, num_warps=num_warps, stash=stash,
-                    bwd_graph=bwd_graph, split_coeffs=split_coeffs,
-                    split_state=split_state)
+                    bwd_graph=bwd_graph, hoist_coeffs=hoist_coeffs)
     xs = [t.reshape(BH, T, d).to(f32).contiguous() for t in (q, k, v)]
     gates = [t.reshape(BH, T).to(f32).contiguous() for t in (theta, eta, alpha)]
     st = [t.reshape(BH, *t.shape[2:]).to(f32).contiguous() for t in (W[0], S[0], W[1], S[1])]

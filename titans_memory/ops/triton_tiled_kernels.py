@@ -54,7 +54,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _act, _act_d, _act_dd, _clip_bwd, _clip_scale, _coeffs, _coeffs_bwd, _load_chunk, _mm
+from .triton_kernels import (
+    _act,
+    _act_d,
+    _act_dd,
+    _clip_bwd,
+    _clip_scale,
+    _coeffs,
+    _coeffs_bwd,
+    _coeffs_bwd_last,
+    _load_chunk,
+    _mm,
+)
 
 #: Matmul precision of the ``tl.dot`` calls (``precision=`` of the public functions): ``"tf32"``
 #: (tensor cores, the default: ``"ieee"`` compiles to fp32 FMA without tensor cores, about 7x
@@ -498,106 +509,160 @@ def _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
 
 
 @triton.jit
-def _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
-                w1_ptr, w2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
-                p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, gs_ptr, dqs_ptr, da1_ptr, ddl1_ptr, dd2_ptr, hd_ptr,
-                dth_ptr, det_ptr, dal_ptr, zs_ptr, us_ptr, d2s_ptr,
-                T, t0, NT, clip,
-                BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
-                ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-                STASH: tl.constexpr, PART: tl.constexpr = 0):
-    """Phase 4. The per-head half: sums R3, R4, R5, runs the ``c x c`` coefficient backward
-    (``_coeffs_bwd``) and the clip backward, and writes ``dtheta, deta, dalpha``, the per-head
-    ``dq`` term and (clip only) ``d n^2``. The tile half: the tile's ``d delta1_j`` (stashed) and
-    its R6 partial of ``d delta2``, which take ``d n^2`` from the per-head half.
-
-    ``PART = 0``: both, every program running the per-head half again (program 0 stores its
-    results), so no program waits on another; ``PART = 1``: the per-head half only (one program
-    per head, ``j = 0``); ``PART = 2``: the tile half only, reading ``d n^2`` from ``HD`` (written
-    by a ``PART = 1`` launch before it). Split, the tile half holds fewer live tensors (the
-    per-head outputs keep the whole coefficient backward live): the compile report of
-    ``docs/kernels.md``."""
-    rc = tl.arange(0, BC)
-    rd = tl.arange(0, D)
-    ocd = rc[:, None] * D + rd[None, :]
-    occ = rc[:, None] * BC + rc[None, :]
+def _bwd_coeff_inputs(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, p_ptr, n_ptr, d2s_ptr, j, T, t0, NT, clip,
+                      BC: tl.constexpr, D: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr,
+                      PREC: tl.constexpr, STASH: tl.constexpr):
+    """What phase 4 needs of the forward: the chunk's rows and gates, ``delta2`` (tile ``j``'s
+    stash or R1), the clipped step and the chunk coefficients, ``q k^T``."""
     q, k, v, th, et, al, valid, rmask, xoff, goff = _load_chunk(
         q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, bh, T, t0, BC, D)
-    # the per-head coefficient backward first, the tile's hidden activations after it: fewer
-    # tensors live at once (this phase spilled most)
     delta2 = _bwd_delta2(k, v, p_ptr + bh * NT * BC * D, d2s_ptr, bh, j, rmask, NT, BC, D, RES, STASH)
     thc, nrm, r, kk, dd1, hh, dd2 = _bwd_clip(k, delta2, th, n_ptr + bh * NT * 2 * BC, NT, clip, BC, CLIP)
     A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(thc, et, al, valid, BC)
     QK = _mm(q, tl.trans(k), PREC)
-    if PART == 2:
-        if CLIP:
-            dn2 = tl.load(hd_ptr + bh * BC + rc, cache_modifier=".cg")
-        else:
-            dn2 = th * 0.0
+    return (q, k, th, et, al, valid, rmask, xoff, goff, delta2, thc, nrm, r, kk,
+            A, Dm, Pm, C, beta, E, cl, ml, QK)
+
+
+@triton.jit
+def _bwd_coeffs_pre(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, p_ptr, n_ptr, xh_ptr, dn1_ptr,
+                    gt_ptr, dqs_ptr, hdp_ptr, dth_ptr, det_ptr, dal_ptr, d2s_ptr, T, t0, NT, clip,
+                    BC: tl.constexpr, D: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr,
+                    PREC: tl.constexpr):
+    """The adjoint-free part of phase 4's per-head coefficient backward (one program per head and
+    chunk; the segment walk runs it for all chunks of a segment before walking them): sums R3,
+    R4 and the per-token R5 terms ``dbeta, dg`` (all from the retrieval backward), runs
+    ``_coeffs_bwd`` with the last-row cotangents (``dcl .. d_el``, through the state adjoint)
+    left at zero and the clip backward, and writes that part of ``dtheta, deta, dalpha``, of
+    ``d n^2`` (to ``HDP``, clip only) and the per-head ``dq`` term. The walk adds the rest
+    (:func:`_bwd_coeffs` with ``HOISTED``): the coefficient and clip backward are linear in
+    their cotangents."""
+    rc = tl.arange(0, BC)
+    rd = tl.arange(0, D)
+    ocd = rc[:, None] * D + rd[None, :]
+    occ = rc[:, None] * BC + rc[None, :]
+    (q, k, th, et, al, valid, rmask, xoff, goff, delta2, thc, nrm, r, kk, A, Dm, Pm, C, beta, E, cl, ml,
+     QK) = _bwd_coeff_inputs(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, p_ptr, n_ptr, d2s_ptr, 0, T, t0, NT,
+                             clip, BC, D, RES, CLIP, PREC, True)
+    go = tl.load(go_ptr + xoff, mask=rmask[:, None], other=0.0)
+    XH = _sum_tiles(xh_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R3
+    dN1 = _sum_tiles(dn1_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R4
+    gt = gt_ptr + bh * NT * 4 * BC  # R5, the per-token terms of the retrieval
+    dbeta = _sum_tiles(gt, NT, 4 * BC, rc)
+    dg = _sum_tiles(gt + BC, NT, 4 * BC, rc)
+    zero = th * 0.0
+    z0 = tl.sum(zero, axis=0)
+    dth, det, dal = _coeffs_bwd(dN1 * QK - _mm(go, tl.trans(delta2), PREC) * XH, dbeta, dg, zero, zero, z0, z0, z0,
+                                thc, et, al, valid, A, Dm, Pm, beta, E, BC)
+    if CLIP:
+        dth, dn2 = _clip_bwd(dth, th, nrm, r, clip, rmask)
+        tl.store(hdp_ptr + bh * BC + rc, dn2)
+    tl.store(dth_ptr + goff, dth, mask=rmask)
+    tl.store(det_ptr + goff, det, mask=rmask)
+    tl.store(dal_ptr + goff, dal, mask=rmask)
+    dq_head = _mm(dN1 * C, k, PREC)
+    if RES:
+        dq_head += go
+    tl.store(dqs_ptr + (bh * (NT + 1) + NT) * BC * D + ocd, dq_head)
+
+
+@triton.jit
+def _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
+                w1_ptr, w2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
+                p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, gs_ptr, dqs_ptr, da1_ptr, ddl1_ptr, dd2_ptr, hd_ptr, hdp_ptr,
+                dth_ptr, det_ptr, dal_ptr, zs_ptr, us_ptr, d2s_ptr,
+                T, t0, NT, clip,
+                BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
+                ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+                STASH: tl.constexpr, HOISTED: tl.constexpr = False):
+    """Phase 4. The per-head part: sums R3, R4, R5, runs the ``c x c`` coefficient backward
+    (``_coeffs_bwd``) and the clip backward (every program again, rather than waiting on a
+    broadcast; program 0 writes ``dtheta, deta, dalpha``, the per-head ``dq`` term and ``d n^2``).
+    Then the tile's ``d delta1_j`` (stashed) and its R6 partial of ``d delta2``.
+
+    ``HOISTED`` (the segment walk): :func:`_bwd_coeffs_pre` has already done the adjoint-free
+    part, so only the cotangents of the last-row coefficients (``dcl, dml`` per token, ``dbl,
+    dgl, d_el`` per head, all through the state adjoint) are summed and back-propagated
+    (``_coeffs_bwd_last``, no matmul); program 0 adds that part to ``dtheta, deta, dalpha`` and
+    writes the whole ``d n^2`` (``HDP`` holds the other part)."""
+    rc = tl.arange(0, BC)
+    rd = tl.arange(0, D)
+    ocd = rc[:, None] * D + rd[None, :]
+    occ = rc[:, None] * BC + rc[None, :]
+    # the per-head coefficient backward first, the tile's hidden activations after it: fewer
+    # tensors live at once (this phase spilled most)
+    (q, k, th, et, al, valid, rmask, xoff, goff, delta2, thc, nrm, r, kk, A, Dm, Pm, C, beta, E, cl, ml,
+     QK) = _bwd_coeff_inputs(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, p_ptr, n_ptr, d2s_ptr, j, T, t0, NT,
+                             clip, BC, D, RES, CLIP, PREC, STASH)
+    gt = gt_ptr + bh * NT * 4 * BC  # R5
+    dcl = _sum_tiles(gt + 2 * BC, NT, 4 * BC, rc)
+    dml = _sum_tiles(gt + 3 * BC, NT, 4 * BC, rc)
+    gs = gs_ptr + bh * NT * 4
+    dbl = _sum_tiles(gs, NT, 4, 0)
+    dgl = _sum_tiles(gs + 1, NT, 4, 0)
+    d_el = _sum_tiles(gs + 2, NT, 4, 0)
+    if HOISTED:
+        dth, det, dal = _coeffs_bwd_last(dcl, dml, dbl, dgl, d_el, thc, et, al, valid, A, Dm, Pm, beta, E, BC)
     else:
         go = tl.load(go_ptr + xoff, mask=rmask[:, None], other=0.0)
         XH = _sum_tiles(xh_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R3
         dN1 = _sum_tiles(dn1_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R4
-        gt = gt_ptr + bh * NT * 4 * BC  # R5
         dbeta = _sum_tiles(gt, NT, 4 * BC, rc)
         dg = _sum_tiles(gt + BC, NT, 4 * BC, rc)
-        dcl = _sum_tiles(gt + 2 * BC, NT, 4 * BC, rc)
-        dml = _sum_tiles(gt + 3 * BC, NT, 4 * BC, rc)
-        gs = gs_ptr + bh * NT * 4
-        dbl = _sum_tiles(gs, NT, 4, 0)
-        dgl = _sum_tiles(gs + 1, NT, 4, 0)
-        d_el = _sum_tiles(gs + 2, NT, 4, 0)
         dN2 = -_mm(go, tl.trans(delta2), PREC)
         dth, det, dal = _coeffs_bwd(dN1 * QK + dN2 * XH, dbeta, dg, dcl, dml, dbl, dgl, d_el, thc, et, al, valid,
                                     A, Dm, Pm, beta, E, BC)
-        if CLIP:
-            dth, dn2 = _clip_bwd(dth, th, nrm, r, clip, rmask)
+    if CLIP:
+        dth, dn2 = _clip_bwd(dth, th, nrm, r, clip, rmask)
+        if HOISTED:
+            dn2 += tl.load(hdp_ptr + bh * BC + rc)
+    else:
+        dn2 = th * 0.0
+    if j == 0:
+        if HOISTED:
+            dth += tl.load(dth_ptr + goff, mask=rmask, other=0.0)
+            det += tl.load(det_ptr + goff, mask=rmask, other=0.0)
+            dal += tl.load(dal_ptr + goff, mask=rmask, other=0.0)
         else:
-            dn2 = th * 0.0
-        if j == 0:
-            tl.store(dth_ptr + goff, dth, mask=rmask)
-            tl.store(det_ptr + goff, det, mask=rmask)
-            tl.store(dal_ptr + goff, dal, mask=rmask)
             dq_head = _mm(dN1 * C, k, PREC)
             if RES:
                 dq_head += go
             tl.store(dqs_ptr + (bh * (NT + 1) + NT) * BC * D + ocd, dq_head)
-            if CLIP:
-                tl.store(hd_ptr + bh * BC + rc, dn2)
-    if PART != 1:
-        o1, o2 = _tile_offsets(bh, j, D, F, BF)
-        ts = _tile_scratch(bh, j, NT, BC, BF)
-        da1 = tl.load(da1_ptr + ts)
-        ddelta1 = (-_mm(tl.trans(QK * C), da1, PREC) - cl[:, None] * _mm(k, tl.load(aw1_ptr + o1), PREC)
-                   - ml[:, None] * _mm(k, tl.load(as1_ptr + o1), PREC))
-        z1, h1, sd1, u, delta1 = _bwd_hidden(k, delta2, tl.load(w1_ptr + o1), tl.load(w2_ptr + o2), zs_ptr, us_ptr,
-                                             bh, j, NT, BC, BF, ACT, PREC, STASH)
+        tl.store(dth_ptr + goff, dth, mask=rmask)
+        tl.store(det_ptr + goff, det, mask=rmask)
+        tl.store(dal_ptr + goff, dal, mask=rmask)
         if CLIP:
-            ddelta1 += (2.0 * dn2 * kk)[:, None] * delta1
-        tl.store(ddl1_ptr + ts, ddelta1)
-        dd2_j = (_mm(ddelta1 * sd1, tl.load(w2_ptr + o2), PREC)
-                 - cl[:, None] * _mm(h1, tl.load(aw2_ptr + o2), PREC)
-                 - ml[:, None] * _mm(h1, tl.load(as2_ptr + o2), PREC))
-        tl.store(dd2_ptr + (bh * NT + j) * BC * D + ocd, dd2_j)
+            tl.store(hd_ptr + bh * BC + rc, dn2)
+    o1, o2 = _tile_offsets(bh, j, D, F, BF)
+    ts = _tile_scratch(bh, j, NT, BC, BF)
+    da1 = tl.load(da1_ptr + ts)
+    ddelta1 = (-_mm(tl.trans(QK * C), da1, PREC) - cl[:, None] * _mm(k, tl.load(aw1_ptr + o1), PREC)
+               - ml[:, None] * _mm(k, tl.load(as1_ptr + o1), PREC))
+    z1, h1, sd1, u, delta1 = _bwd_hidden(k, delta2, tl.load(w1_ptr + o1), tl.load(w2_ptr + o2), zs_ptr, us_ptr,
+                                         bh, j, NT, BC, BF, ACT, PREC, STASH)
+    if CLIP:
+        ddelta1 += (2.0 * dn2 * kk)[:, None] * delta1
+    tl.store(ddl1_ptr + ts, ddelta1)
+    dd2_j = (_mm(ddelta1 * sd1, tl.load(w2_ptr + o2), PREC)
+             - cl[:, None] * _mm(h1, tl.load(aw2_ptr + o2), PREC)
+             - ml[:, None] * _mm(h1, tl.load(as2_ptr + o2), PREC))
+    tl.store(dd2_ptr + (bh * NT + j) * BC * D + ocd, dd2_j)
 
 
 @triton.jit
 def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_ptr,
-               w1_ptr, w2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr, aw1o_ptr, as1o_ptr, aw2o_ptr, as2o_ptr,
+               w1_ptr, w2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
                p_ptr, n_ptr, xh_ptr, dn1_ptr, dd2_ptr, hd_ptr, dks_ptr, x1_ptr, da1_ptr, ddl1_ptr,
                zs_ptr, us_ptr, d2s_ptr, T, t0, NT, clip,
                BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
                ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-               STASH: tl.constexpr, HALF=0):
+               STASH: tl.constexpr):
     """Phase 5. Sums R6 (``d delta2``; program 0 writes ``dv`` and the per-head ``dk`` term), then
     the tile's ``dz1``, its R8 partial of ``dk``, and the adjoint of its slice of the chunk-start
-    state from that of the state after the chunk (``aw1 ..``), written to ``aw1o ..`` (the same
-    tensors: in place).
-
-    ``HALF``: 0 (a constant) computes both halves; 1 or 2 (a run-time value: the two halves of one
-    launch run as separate programs) only the ``W1, S1`` half (with ``dz1``, ``dk`` and ``dv``)
-    or only the ``W2, S2`` half. The ``W1`` half reads the input adjoint of ``W2, S2``, so split
-    halves need ``aw1o ..`` to be other tensors than ``aw1 ..``."""
+    state, written in place over the adjoint of the state after the chunk: first the ``W1, S1``
+    half (with ``dz1`` and ``dk``), then the ``W2, S2`` half, so that fewer tensors are live at
+    once (Triton 3.6 compile report: 3304 spill bytes and 147 KB of shared memory, against 3692
+    and 229 KB with the four new adjoint tiles computed before any is stored)."""
     rc = tl.arange(0, BC)
     rd = tl.arange(0, D)
     ocd = rc[:, None] * D + rd[None, :]
@@ -620,50 +685,51 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
         dn2 = th * 0.0
     dy = 2.0 * ddelta2
     ts = _tile_scratch(bh, j, NT, BC, BF)
-    if HALF != 2:  # W1, S1; dz1, dk, dv
-        if j == 0:
-            tl.store(dv_ptr + xoff, -dy, mask=rmask[:, None])
-            dN1 = _sum_tiles(dn1_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R4 (again)
-            dk_head = _mm(tl.trans(dN1 * C), q, PREC)
-            if RES:
-                dk_head += dy
-            if CLIP:
-                dk_head += (2.0 * dn2 * dd1)[:, None] * k
-            tl.store(dks_ptr + (bh * (NT + 1) + NT) * BC * D + ocd, dk_head)
-        x1 = tl.load(x1_ptr + ts)
-        ddelta1 = tl.load(ddl1_ptr + ts)
-        dXHC = -_mm(go, tl.trans(delta2), PREC) * C
-        dh1 = (_mm(tl.trans(dXHC), x1, PREC) + _mm(dy, tl.trans(tl.load(w2_ptr + o2)), PREC)
-               - _mm(cl[:, None] * delta2, tl.trans(tl.load(aw2_ptr + o2)), PREC)
-               - _mm(ml[:, None] * delta2, tl.trans(tl.load(as2_ptr + o2)), PREC))
+    if j == 0:
+        tl.store(dv_ptr + xoff, -dy, mask=rmask[:, None])
+        dN1 = _sum_tiles(dn1_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R4 (again)
+        dk_head = _mm(tl.trans(dN1 * C), q, PREC)
+        if RES:
+            dk_head += dy
         if CLIP:
-            dh1 += (2.0 * dn2 * dd2)[:, None] * h1
-        dz1 = dh1 * sd1 + ddelta1 * u * _act_dd(z1, ACT)
-        aw1 = tl.load(aw1_ptr + o1)
-        as1 = tl.load(as1_ptr + o1)
-        dk_j = (_mm(dz1, tl.trans(tl.load(w1_ptr + o1)), PREC) - _mm(cl[:, None] * delta1, tl.trans(aw1), PREC)
-                - _mm(ml[:, None] * delta1, tl.trans(as1), PREC))
-        tl.store(dks_ptr + (bh * (NT + 1) + j) * BC * D + ocd, dk_j)
-        tq = tl.trans(q)
-        da1 = tl.load(da1_ptr + ts)
-        aw1n = bl * aw1 + _mm(tq, beta[:, None] * da1, PREC) + _mm(tl.trans(k), dz1, PREC)
-        as1n = gl * aw1 + el * as1 + _mm(tq, g[:, None] * da1, PREC)
-        # every thread of the program has read the tile's adjoint before any overwrites it (in place)
-        tl.debug_barrier()
-        tl.store(aw1o_ptr + o1, aw1n)
-        tl.store(as1o_ptr + o1, as1n)
-    if HALF != 1:  # W2, S2
-        x1 = tl.load(x1_ptr + ts)
-        ddelta1 = tl.load(ddl1_ptr + ts)
-        tx1 = tl.trans(x1)
-        aw2 = tl.load(aw2_ptr + o2)
-        as2 = tl.load(as2_ptr + o2)
-        aw2n = (bl * aw2 + _mm(tx1, beta[:, None] * go, PREC) + _mm(tl.trans(ddelta1 * sd1), delta2, PREC)
-                + _mm(tl.trans(h1), dy, PREC))
-        as2n = gl * aw2 + el * as2 + _mm(tx1, g[:, None] * go, PREC)
-        tl.debug_barrier()
-        tl.store(aw2o_ptr + o2, aw2n)
-        tl.store(as2o_ptr + o2, as2n)
+            dk_head += (2.0 * dn2 * dd1)[:, None] * k
+        tl.store(dks_ptr + (bh * (NT + 1) + NT) * BC * D + ocd, dk_head)
+    # the W1, S1 half: dz1, the dk partial, the new adjoint of W1, S1
+    x1 = tl.load(x1_ptr + ts)
+    ddelta1 = tl.load(ddl1_ptr + ts)
+    dXHC = -_mm(go, tl.trans(delta2), PREC) * C
+    dh1 = (_mm(tl.trans(dXHC), x1, PREC) + _mm(dy, tl.trans(tl.load(w2_ptr + o2)), PREC)
+           - _mm(cl[:, None] * delta2, tl.trans(tl.load(aw2_ptr + o2)), PREC)
+           - _mm(ml[:, None] * delta2, tl.trans(tl.load(as2_ptr + o2)), PREC))
+    if CLIP:
+        dh1 += (2.0 * dn2 * dd2)[:, None] * h1
+    dz1 = dh1 * sd1 + ddelta1 * u * _act_dd(z1, ACT)
+    aw1 = tl.load(aw1_ptr + o1)
+    as1 = tl.load(as1_ptr + o1)
+    dk_j = (_mm(dz1, tl.trans(tl.load(w1_ptr + o1)), PREC) - _mm(cl[:, None] * delta1, tl.trans(aw1), PREC)
+            - _mm(ml[:, None] * delta1, tl.trans(as1), PREC))
+    tl.store(dks_ptr + (bh * (NT + 1) + j) * BC * D + ocd, dk_j)
+    tq = tl.trans(q)
+    da1 = tl.load(da1_ptr + ts)
+    aw1n = bl * aw1 + _mm(tq, beta[:, None] * da1, PREC) + _mm(tl.trans(k), dz1, PREC)
+    as1n = gl * aw1 + el * as1 + _mm(tq, g[:, None] * da1, PREC)
+    # every thread of the program has read the tile's W1, S1 adjoint before any overwrites it
+    tl.debug_barrier()
+    tl.store(aw1_ptr + o1, aw1n)
+    tl.store(as1_ptr + o1, as1n)
+    # the W2, S2 half (its adjoint was last read above, before the barrier below); x1, d delta1
+    # loaded again rather than kept live across the half above
+    x1 = tl.load(x1_ptr + ts)
+    ddelta1 = tl.load(ddl1_ptr + ts)
+    tx1 = tl.trans(x1)
+    aw2 = tl.load(aw2_ptr + o2)
+    as2 = tl.load(as2_ptr + o2)
+    aw2n = (bl * aw2 + _mm(tx1, beta[:, None] * go, PREC) + _mm(tl.trans(ddelta1 * sd1), delta2, PREC)
+            + _mm(tl.trans(h1), dy, PREC))
+    as2n = gl * aw2 + el * as2 + _mm(tx1, g[:, None] * go, PREC)
+    tl.debug_barrier()
+    tl.store(aw2_ptr + o2, aw2n)
+    tl.store(as2_ptr + o2, as2n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -678,33 +744,30 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
 # X1, DA1, ZS, US, D2S; one slot: GS, DD2, DDL1, HD (written and read within one chunk's walk).
 # PHASE of _bwd_segment_kernel (the kernel compares literals: Triton reads no plain globals)
 SEG_KEYS, SEG_NORMS, SEG_RETRIEVAL, SEG_GATES, SEG_COEFFS, SEG_STATE = 1, 2, 3, 4, 5, 6
-# phase 4 split (``split_coeffs``): its per-head half, one program per head, then its tile half
-SEG_HEAD_COEFFS, SEG_TILE_COEFFS = 7, 8
-# phase 5 as two programs per tile (``split_state``): the W1, S1 half and the W2, S2 half, grid (NT, BH, 2)
-SEG_STATE_HALVES = 9
+# the hoisted coefficient backward (``hoist_coeffs``): its adjoint-free part over the chunks of a
+# segment (grid (1, BH, nc), after SEG_RETRIEVAL), then phase 4 with only the rest in the walk
+SEG_COEFFS_PRE, SEG_COEFFS_WALK = 7, 8
 
 
 @triton.jit(do_not_specialize=["c0", "s_walk"])
 def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_ptr, dth_ptr, det_ptr, dal_ptr,
                         w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
-                        aw1o_ptr, as1o_ptr, aw2o_ptr, as2o_ptr, p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, dqs_ptr, dks_ptr, x1_ptr, da1_ptr,
-                        zs_ptr, us_ptr, d2s_ptr, gs_ptr, dd2_ptr, ddl1_ptr, hd_ptr,
+                        p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, dqs_ptr, dks_ptr, x1_ptr, da1_ptr,
+                        zs_ptr, us_ptr, d2s_ptr, hdp_ptr, gs_ptr, dd2_ptr, ddl1_ptr, hd_ptr,
                         BH, T, c0, s_walk, NT, clip,
                         BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
                         ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
                         PHASE: tl.constexpr):
     """One phase of the segment walk for tile ``program_id(0)`` of head ``program_id(1)``: for
-    ``PHASE`` ``SEG_KEYS, SEG_NORMS, SEG_RETRIEVAL`` (phases 1, 2 without the adjoint, 3) of chunk
-    ``c0 + program_id(2)``; for ``SEG_GATES, SEG_COEFFS, SEG_STATE`` (the adjoint half of phase 2,
-    phases 4, 5) of chunk ``c0 + s_walk``, and for ``SEG_HEAD_COEFFS, SEG_TILE_COEFFS`` (phase 4 in
-    two launches: the per-head half, grid ``(1, BH)``, then the tile half) and ``SEG_STATE_HALVES``
-    (phase 5 with ``program_id(2)`` picking its half). ``w1 ..`` hold the segment's chunk-start
-    states (slot stride ``BH D F``). The state phase reads the adjoint of the state after the chunk
-    from ``aw1 ..`` and writes that of the chunk-start state to ``aw1o ..`` (the same tensors: in
-    place; other tensors with the halves)."""
+    ``PHASE`` ``SEG_KEYS, SEG_NORMS, SEG_RETRIEVAL`` (phases 1, 2 without the adjoint, 3) and
+    ``SEG_COEFFS_PRE`` (the adjoint-free part of phase 4's per-head coefficient backward, one
+    program per head) of chunk ``c0 + program_id(2)``; for ``SEG_GATES, SEG_COEFFS, SEG_STATE``
+    (the adjoint half of phase 2, phases 4, 5) and ``SEG_COEFFS_WALK`` (phase 4 after
+    ``SEG_COEFFS_PRE``) of chunk ``c0 + s_walk``. ``w1 ..`` hold the segment's chunk-start states
+    (slot stride ``BH D F``); the adjoint ``aw1 ..`` is updated in place by ``SEG_STATE``."""
     j = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    if PHASE <= 3:  # SEG_KEYS .. SEG_RETRIEVAL: over the chunks
+    if PHASE <= 3 or PHASE == 7:  # SEG_KEYS .. SEG_RETRIEVAL, SEG_COEFFS_PRE: over the chunks
         s = tl.program_id(2).to(tl.int64)
     else:
         s = tl.zeros([], dtype=tl.int64) + s_walk
@@ -727,6 +790,7 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
     zs = zs_ptr + s * tile * BF
     us = us_ptr + s * tile * BF
     d2s = d2s_ptr + s * tile * D
+    hdp = hdp_ptr + s * BH * BC
     if PHASE == 1:  # SEG_KEYS
         _bwd_keys(bh, j, k_ptr, w1, w2, p, T, t0, NT, BC, D, F, BF, ACT, PREC)
     elif PHASE == 2 or PHASE == 4:  # SEG_NORMS, SEG_GATES
@@ -748,18 +812,15 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
         _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, w1, s1, w2, s2,
                        p, n, xh, dn1, gt, dqs, x1, da1, zs, us, d2s, T, t0, NT, clip,
                        BC, D, F, BF, ACT, RES, CLIP, PREC, True)
-    elif PHASE == 5 or PHASE == 7 or PHASE == 8:  # SEG_COEFFS, SEG_HEAD_COEFFS, SEG_TILE_COEFFS
+    elif PHASE == 7:  # SEG_COEFFS_PRE
+        _bwd_coeffs_pre(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, p, n, xh, dn1, gt, dqs, hdp,
+                        dth_ptr, det_ptr, dal_ptr, d2s, T, t0, NT, clip, BC, D, RES, CLIP, PREC)
+    elif PHASE == 5 or PHASE == 8:  # SEG_COEFFS, SEG_COEFFS_WALK
         _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, w1, w2,
                     aw1_ptr, as1_ptr, aw2_ptr, as2_ptr, p, n, xh, dn1, gt, gs_ptr, dqs, da1, ddl1_ptr, dd2_ptr,
-                    hd_ptr, dth_ptr, det_ptr, dal_ptr, zs, us, d2s, T, t0, NT, clip,
-                    BC, D, F, BF, ACT, RES, CLIP, PREC, True, 0 if PHASE == 5 else PHASE - 6)
-    elif PHASE == 6:  # SEG_STATE
+                    hd_ptr, hdp, dth_ptr, det_ptr, dal_ptr, zs, us, d2s, T, t0, NT, clip,
+                    BC, D, F, BF, ACT, RES, CLIP, PREC, True, PHASE == 8)
+    else:  # SEG_STATE
         _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_ptr, w1, w2,
-                   aw1_ptr, as1_ptr, aw2_ptr, as2_ptr, aw1o_ptr, as1o_ptr, aw2o_ptr, as2o_ptr,
-                   p, n, xh, dn1, dd2_ptr, hd_ptr, dks, x1, da1, ddl1_ptr,
+                   aw1_ptr, as1_ptr, aw2_ptr, as2_ptr, p, n, xh, dn1, dd2_ptr, hd_ptr, dks, x1, da1, ddl1_ptr,
                    zs, us, d2s, T, t0, NT, clip, BC, D, F, BF, ACT, RES, CLIP, PREC, True)
-    else:  # SEG_STATE_HALVES: program_id(2) picks the half
-        _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_ptr, w1, w2,
-                   aw1_ptr, as1_ptr, aw2_ptr, as2_ptr, aw1o_ptr, as1o_ptr, aw2o_ptr, as2o_ptr,
-                   p, n, xh, dn1, dd2_ptr, hd_ptr, dks, x1, da1, ddl1_ptr,
-                   zs, us, d2s, T, t0, NT, clip, BC, D, F, BF, ACT, RES, CLIP, PREC, True, tl.program_id(2) + 1)
