@@ -265,14 +265,15 @@ def test_tiled_triton_train_gradients_equal_chunked(n_tiles, clip, spec, persist
         assert err < REL_TOL, f"{name}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("hoist_coeffs", [False, True])
-def test_segment_walk_over_longer_segments_with_a_partial_last_chunk(monkeypatch, hoist_coeffs):
+@pytest.mark.parametrize("hoist_coeffs, hoist_free", [(False, False), (True, False), (True, True)])
+def test_segment_walk_over_longer_segments_with_a_partial_last_chunk(monkeypatch, hoist_coeffs, hoist_free):
     """The segment walk (launch per phase with the stash: the CUDA-graph backward's walk) with
     segments of 4 and 2 chunks, the last one partial, so that every per-chunk scratch slot is
     used and the adjoint-free phases of several chunks run in one launch; gradients vs fp64
     autograd, bound REL_TOL. Also checks that this path is the one taken, and with
     ``hoist_coeffs`` that the adjoint-free part of the coefficient backward runs once per segment
-    (grid ``(1, BH, nc)``) and the walk's phase 4 is the hoisted one."""
+    (grid ``(1, BH, nc)``) and the walk's phase 4 is the hoisted one (``hoist_free``: the walk
+    reads the stashed adjoint-free terms, the ``FREE`` launches)."""
     import titans_memory.ops.triton_tiled as tt
 
     launches = []
@@ -282,6 +283,7 @@ def test_segment_walk_over_longer_segments_with_a_partial_last_chunk(monkeypatch
         def __getitem__(self, grid):
             def launch(*args, **kw):
                 launches.append((grid, kw["PHASE"]))
+                assert kw["FREE"] == hoist_free
                 return real[grid](*args, **kw)
 
             return launch
@@ -294,7 +296,7 @@ def test_segment_walk_over_longer_segments_with_a_partial_last_chunk(monkeypatch
     leaves = [t.clone().requires_grad_(True) for t in (*gates, *W, *S)]
     o, W_T, S_T = neural_memory_tiled_triton_train(*leaves[:6], leaves[6:8], leaves[8:], spec, CHUNK, 0.05,
                                                    n_tiles=2, segment_chunks=4, stash=True,
-                                                   hoist_coeffs=hoist_coeffs)
+                                                   hoist_coeffs=hoist_coeffs, hoist_free=hoist_free)
     outs = [o, *W_T, *S_T]
     cots = [torch.randn_like(t) for t in outs]
     grads = torch.autograd.grad(sum((t * c).sum() for t, c in zip(outs, cots)), leaves)

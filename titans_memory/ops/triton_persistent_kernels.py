@@ -227,22 +227,23 @@ def _bwd_chunk(bh, j, n, nb,
         _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
                        w1_ptr, s1_ptr, w2_ptr, s2_ptr,
                        p_s, n_ptr, xh_ptr, dn1_ptr, gt_ptr, dqs, x1_ptr, da1_ptr, zs_ptr, us_ptr, d2s_ptr,
-                       T, t0, NT, clip, BC, D, F, BF, ACT, RES, CLIP, PREC, STASH)
+                       x1_ptr, x1_ptr, T, t0, NT, clip, BC, D, F, BF, ACT, RES, CLIP, PREC, STASH)
     if SYNC:
         nb = _head_sync(cnt_ptr + bh, err_ptr, nb, NT)
     if MASK & 8:
         _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
                     w1_ptr, w2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
                     p_s, n_ptr, xh_ptr, dn1_ptr, gt_ptr, gs_ptr, dqs, da1_ptr, ddl1_ptr, dd2_ptr, hd_ptr, hd_ptr,
-                    dth_ptr, det_ptr, dal_ptr, zs_ptr, us_ptr, d2s_ptr, T, t0, NT, clip, BC, D, F, BF, ACT, RES,
-                    CLIP, PREC, STASH)
+                    dth_ptr, det_ptr, dal_ptr, zs_ptr, us_ptr, d2s_ptr, da1_ptr, T, t0, NT, clip, BC, D, F, BF,
+                    ACT, RES, CLIP, PREC, STASH)
     if SYNC:
         nb = _head_sync(cnt_ptr + bh, err_ptr, nb, NT)
     if MASK & 16:
         _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_ptr,
                    w1_ptr, w2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
                    p_s, n_ptr, xh_ptr, dn1_ptr, dd2_ptr, hd_ptr, dks, x1_ptr, da1_ptr, ddl1_ptr,
-                   zs_ptr, us_ptr, d2s_ptr, T, t0, NT, clip, BC, D, F, BF, ACT, RES, CLIP, PREC, STASH)
+                   zs_ptr, us_ptr, d2s_ptr, x1_ptr, dd2_ptr, T, t0, NT, clip, BC, D, F, BF, ACT, RES, CLIP, PREC,
+                   STASH)
     return nb
 
 

@@ -283,7 +283,7 @@ class _TrainCfg:
 
     def __init__(self, BH, T, d, hid, spec, chunk, n_tiles, max_update_norm, segment_chunks, prec=PREC,
                  persistent=False, check=True, bwd_tiles=None, num_warps=(8, 4), stash=False, bwd_graph=False,
-                 hoist_coeffs=True):
+                 hoist_coeffs=True, hoist_free=True):
         self.BH, self.T, self.d, self.hid = BH, T, d, hid
         self.prec = prec
         self.spec = spec
@@ -297,6 +297,9 @@ class _TrainCfg:
         self.stash = stash
         # the segment walk: the adjoint-free part of phase 4's coefficient backward before the walk
         self.hoist_coeffs = hoist_coeffs
+        # (with hoist_coeffs) phase 3 and the coefficient pre-pass also stash the adjoint-free
+        # terms of phases 4 and 5's tile work
+        self.hoist_free = hoist_coeffs and hoist_free
         self.n_chunks = -(-T // chunk)
         self.K = segment_chunks or max(1, math.ceil(math.sqrt(self.n_chunks)))
         self.n_seg = -(-self.n_chunks // self.K)
@@ -329,10 +332,13 @@ def _backward_scratch(cfg: _TrainCfg, dev, segmented: bool) -> dict:
                   HD=(BH, BC))
     if cfg.stash:  # z1_j, u_j, delta2 of the current chunk, written in phase 2 (see _bwd_hidden)
         shapes.update(ZS=(BH, NT, BC, BF), US=(BH, NT, BC, BF), D2S=(BH, NT, BC, d))
-    if segmented:  # the hoisted coefficient backward's part of d n^2, per chunk
+    if segmented:  # the hoisted coefficient backward's part of d n^2, the stashed adjoint-free terms
         shapes.update(HDP=(BH, BC))
+        if cfg.hoist_free:
+            shapes.update(DF1=(BH, NT, BC, BF), DH1F=(BH, NT, BC, BF), DD2P=(BH, BC, d))
     if segmented:
-        per_chunk = ("P", "N", "XH", "DN1", "GT", "DQ", "DK", "X1", "DA1", "ZS", "US", "D2S", "HDP")
+        per_chunk = ("P", "N", "XH", "DN1", "GT", "DQ", "DK", "X1", "DA1", "ZS", "US", "D2S", "HDP", "DF1", "DH1F",
+                     "DD2P")
         lead = {name: min(cfg.K, cfg.n_chunks) for name in per_chunk}
     else:
         lead = dict(P=2, DQ=2, DK=2)
@@ -360,7 +366,10 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
     if _uses_segment_walk(cfg, per_phase):
         seg = (*xs, *gates, go, dv, dth, det, dal, *starts, *adj,
                *(scr[name] for name in ("P", "N", "XH", "DN1", "GT", "DQ", "DK", "X1", "DA1", "ZS", "US", "D2S",
-                                        "HDP", "GS", "DD2", "DDL1", "HD")), BH, cfg.T, c0)
+                                        "HDP")),
+               *((scr["DF1"], scr["DH1F"], scr["DD2P"]) if cfg.hoist_free else (scr["HDP"],) * 3),
+               *(scr[name] for name in ("GS", "DD2", "DDL1", "HD")), BH, cfg.T, c0)
+        meta["FREE"] = cfg.hoist_free
         for ph in (SEG_KEYS, SEG_NORMS, SEG_RETRIEVAL):
             _bwd_segment_kernel[(NT, BH, nc)](*seg, 0, NT, cfg.clip, PHASE=ph, **meta)
         if cfg.hoist_coeffs:
@@ -546,7 +555,8 @@ def _graphed_backward(cfg: _TrainCfg, xs, gates, go, ck, adj):
     """The backward from the cached graph of ``cfg``'s configuration, captured now if this is
     its second sighting; ``None`` at the first (the caller then runs it eagerly)."""
     key = (xs[0].device, tuple(xs[0].shape), cfg.hid, cfg.spec, cfg.BC, cfg.NT_fwd, cfg.NT, cfg.K, cfg.CLIP,
-           cfg.clip, cfg.prec, cfg.persistent, cfg.fwd_warps, cfg.bwd_warps, cfg.stash, cfg.hoist_coeffs)
+           cfg.clip, cfg.prec, cfg.persistent, cfg.fwd_warps, cfg.bwd_warps, cfg.stash, cfg.hoist_coeffs,
+           cfg.hoist_free)
     graph = _GRAPHS.pop(key, None)
     if graph is None:
         if key in _EVICTED:
@@ -593,6 +603,7 @@ def neural_memory_tiled_triton_train(
     stash: bool = True,
     bwd_graph: Optional[bool] = None,
     hoist_coeffs: bool = True,
+    hoist_free: bool = True,
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """Differentiable twin of :func:`neural_memory_tiled_triton` (depth 2, same coverage and
     requirements, same result): gradients flow to ``q, k, v, theta, eta, alpha``, ``weights`` and
@@ -619,6 +630,9 @@ def neural_memory_tiled_triton_train(
     coefficient and clip backward that does not depend on the state adjoint (the cotangents from
     the retrieval) runs for all chunks of a segment in one launch before the walk
     (``_bwd_coeffs_pre``), leaving the walk the last-row part, which needs no matmul.
+    ``hoist_free`` (with ``hoist_coeffs``, default on): phase 3 and that launch also stash the
+    terms of phases 4 and 5 that do not depend on the adjoint (``FREE`` of the kernels), so the
+    walk reads them instead of computing them.
 
     The backward (:class:`TiledTritonMemory`) is the hand-written tiled backward of
     :func:`~titans_memory.ops.tiled.chunk_backward_depth2` as Triton kernels: five phases per
@@ -673,7 +687,8 @@ def neural_memory_tiled_triton_train(
     bwd_graph = bool(bwd_graph) if bwd_graph is not None else q.is_cuda
     cfg = _TrainCfg(BH, T, d, hid, spec, chunk_size, n_tiles, max_update_norm, segment_chunks, precision,
                     persistent=persistent, check=check, bwd_tiles=bwd_tiles, num_warps=num_warps, stash=stash,
-                    bwd_graph=bwd_graph, hoist_coeffs=hoist_coeffs)
+                    bwd_graph=bwd_graph, hoist_coeffs=hoist_coeffs,
+                    hoist_free=hoist_free)
     xs = [t.reshape(BH, T, d).to(f32).contiguous() for t in (q, k, v)]
     gates = [t.reshape(BH, T).to(f32).contiguous() for t in (theta, eta, alpha)]
     st = [t.reshape(BH, *t.shape[2:]).to(f32).contiguous() for t in (W[0], S[0], W[1], S[1])]

@@ -459,13 +459,15 @@ def _bwd_norms(bh, j, k_ptr, v_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1
 def _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
                    w1_ptr, s1_ptr, w2_ptr, s2_ptr,
                    p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, dqs_ptr, x1_ptr, da1_ptr, zs_ptr, us_ptr, d2s_ptr,
-                   T, t0, NT, clip,
+                   df1_ptr, dh1f_ptr, T, t0, NT, clip,
                    BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
                    ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-                   STASH: tl.constexpr):
+                   STASH: tl.constexpr, FREE: tl.constexpr = False):
     """Phase 3. Recompute, then the retrieval backward of the tile: partials of R3
     (``x1_j h1_j^T``), R4 (``-da1_j delta1_j^T``), the per-token R5 terms ``dbeta, dg`` and R7
-    (``dq``); stash ``x1_j``, ``da1_j``."""
+    (``dq``); stash ``x1_j``, ``da1_j``. ``FREE``: also stash the tile's adjoint-free terms of
+    phases 4 and 5, ``-((q k^T) * C)^T da1_j`` of ``d delta1_j`` (``DF1``) and
+    ``(-(g_o delta2^T) * C)^T x1_j`` of ``d h1_j`` (``DH1F``)."""
     rc = tl.arange(0, BC)
     rd = tl.arange(0, D)
     ocd = rc[:, None] * D + rd[None, :]
@@ -484,7 +486,8 @@ def _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
     A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(thc, et, al, valid, BC)
     qW1 = _mm(q, w1, PREC)
     qS1 = _mm(q, s1, PREC)
-    a1 = beta[:, None] * qW1 + g[:, None] * qS1 - _mm(_mm(q, tl.trans(k), PREC) * C, delta1, PREC)
+    QKC = _mm(q, tl.trans(k), PREC) * C
+    a1 = beta[:, None] * qW1 + g[:, None] * qS1 - _mm(QKC, delta1, PREC)
     x1 = _act(a1, ACT)
     dXHC = -_mm(go, tl.trans(delta2), PREC) * C
     dx1 = (beta[:, None] * _mm(go, tl.trans(w2), PREC) + g[:, None] * _mm(go, tl.trans(s2), PREC)
@@ -493,6 +496,9 @@ def _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
     ts = _tile_scratch(bh, j, NT, BC, BF)
     tl.store(x1_ptr + ts, x1)
     tl.store(da1_ptr + ts, da1)
+    if FREE:
+        tl.store(df1_ptr + ts, -_mm(tl.trans(QKC), da1, PREC))
+        tl.store(dh1f_ptr + ts, _mm(tl.trans(dXHC), x1, PREC))
     tcc = (bh * NT + j) * BC * BC + occ
     tl.store(xh_ptr + tcc, _mm(x1, tl.trans(h1), PREC))
     tl.store(dn1_ptr + tcc, -_mm(da1, tl.trans(delta1), PREC))
@@ -526,9 +532,9 @@ def _bwd_coeff_inputs(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, p_ptr, n_
 
 @triton.jit
 def _bwd_coeffs_pre(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, p_ptr, n_ptr, xh_ptr, dn1_ptr,
-                    gt_ptr, dqs_ptr, hdp_ptr, dth_ptr, det_ptr, dal_ptr, d2s_ptr, T, t0, NT, clip,
+                    gt_ptr, dqs_ptr, hdp_ptr, dth_ptr, det_ptr, dal_ptr, d2s_ptr, dd2p_ptr, dks_ptr, T, t0, NT, clip,
                     BC: tl.constexpr, D: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr,
-                    PREC: tl.constexpr):
+                    PREC: tl.constexpr, FREE: tl.constexpr = False):
     """The adjoint-free part of phase 4's per-head coefficient backward (one program per head and
     chunk; the segment walk runs it for all chunks of a segment before walking them): sums R3,
     R4 and the per-token R5 terms ``dbeta, dg`` (all from the retrieval backward), runs
@@ -536,7 +542,9 @@ def _bwd_coeffs_pre(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, p_p
     left at zero and the clip backward, and writes that part of ``dtheta, deta, dalpha``, of
     ``d n^2`` (to ``HDP``, clip only) and the per-head ``dq`` term. The walk adds the rest
     (:func:`_bwd_coeffs` with ``HOISTED``): the coefficient and clip backward are linear in
-    their cotangents."""
+    their cotangents. ``FREE``: also the adjoint-free terms of phase 5's per-head work, ``-(XH *
+    C)^T g_o`` of ``d delta2`` (``DD2P``) and ``(dN1 * C)^T q`` of the per-head ``dk`` term (its
+    slot of ``DK``, which phase 5 completes)."""
     rc = tl.arange(0, BC)
     rd = tl.arange(0, D)
     ocd = rc[:, None] * D + rd[None, :]
@@ -564,17 +572,20 @@ def _bwd_coeffs_pre(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, p_p
     if RES:
         dq_head += go
     tl.store(dqs_ptr + (bh * (NT + 1) + NT) * BC * D + ocd, dq_head)
+    if FREE:
+        tl.store(dd2p_ptr + bh * BC * D + ocd, -_mm(tl.trans(XH * C), go, PREC))
+        tl.store(dks_ptr + (bh * (NT + 1) + NT) * BC * D + ocd, _mm(tl.trans(dN1 * C), q, PREC))
 
 
 @triton.jit
 def _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
                 w1_ptr, w2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
                 p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, gs_ptr, dqs_ptr, da1_ptr, ddl1_ptr, dd2_ptr, hd_ptr, hdp_ptr,
-                dth_ptr, det_ptr, dal_ptr, zs_ptr, us_ptr, d2s_ptr,
+                dth_ptr, det_ptr, dal_ptr, zs_ptr, us_ptr, d2s_ptr, df1_ptr,
                 T, t0, NT, clip,
                 BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
                 ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-                STASH: tl.constexpr, HOISTED: tl.constexpr = False):
+                STASH: tl.constexpr, HOISTED: tl.constexpr = False, FREE: tl.constexpr = False):
     """Phase 4. The per-head part: sums R3, R4, R5, runs the ``c x c`` coefficient backward
     (``_coeffs_bwd``) and the clip backward (every program again, rather than waiting on a
     broadcast; program 0 writes ``dtheta, deta, dalpha``, the per-head ``dq`` term and ``d n^2``).
@@ -584,7 +595,8 @@ def _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
     part, so only the cotangents of the last-row coefficients (``dcl, dml`` per token, ``dbl,
     dgl, d_el`` per head, all through the state adjoint) are summed and back-propagated
     (``_coeffs_bwd_last``, no matmul); program 0 adds that part to ``dtheta, deta, dalpha`` and
-    writes the whole ``d n^2`` (``HDP`` holds the other part)."""
+    writes the whole ``d n^2`` (``HDP`` holds the other part). ``FREE`` (with ``HOISTED``): the
+    adjoint-free term of ``d delta1_j`` comes from ``DF1`` (stashed by phase 3)."""
     rc = tl.arange(0, BC)
     rd = tl.arange(0, D)
     ocd = rc[:, None] * D + rd[None, :]
@@ -635,9 +647,12 @@ def _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
             tl.store(hd_ptr + bh * BC + rc, dn2)
     o1, o2 = _tile_offsets(bh, j, D, F, BF)
     ts = _tile_scratch(bh, j, NT, BC, BF)
-    da1 = tl.load(da1_ptr + ts)
-    ddelta1 = (-_mm(tl.trans(QK * C), da1, PREC) - cl[:, None] * _mm(k, tl.load(aw1_ptr + o1), PREC)
-               - ml[:, None] * _mm(k, tl.load(as1_ptr + o1), PREC))
+    if FREE:
+        ddelta1 = tl.load(df1_ptr + ts)
+    else:
+        ddelta1 = -_mm(tl.trans(QK * C), tl.load(da1_ptr + ts), PREC)
+    ddelta1 += (- cl[:, None] * _mm(k, tl.load(aw1_ptr + o1), PREC)
+                - ml[:, None] * _mm(k, tl.load(as1_ptr + o1), PREC))
     z1, h1, sd1, u, delta1 = _bwd_hidden(k, delta2, tl.load(w1_ptr + o1), tl.load(w2_ptr + o2), zs_ptr, us_ptr,
                                          bh, j, NT, BC, BF, ACT, PREC, STASH)
     if CLIP:
@@ -653,16 +668,19 @@ def _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
 def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_ptr,
                w1_ptr, w2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
                p_ptr, n_ptr, xh_ptr, dn1_ptr, dd2_ptr, hd_ptr, dks_ptr, x1_ptr, da1_ptr, ddl1_ptr,
-               zs_ptr, us_ptr, d2s_ptr, T, t0, NT, clip,
+               zs_ptr, us_ptr, d2s_ptr, dh1f_ptr, dd2p_ptr, T, t0, NT, clip,
                BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
                ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-               STASH: tl.constexpr):
+               STASH: tl.constexpr, FREE: tl.constexpr = False):
     """Phase 5. Sums R6 (``d delta2``; program 0 writes ``dv`` and the per-head ``dk`` term), then
     the tile's ``dz1``, its R8 partial of ``dk``, and the adjoint of its slice of the chunk-start
     state, written in place over the adjoint of the state after the chunk: first the ``W1, S1``
     half (with ``dz1`` and ``dk``), then the ``W2, S2`` half, so that fewer tensors are live at
     once (Triton 3.6 compile report: 3304 spill bytes and 147 KB of shared memory, against 3692
-    and 229 KB with the four new adjoint tiles computed before any is stored)."""
+    and 229 KB with the four new adjoint tiles computed before any is stored). ``FREE``: the
+    adjoint-free terms come stashed (``DD2P`` and the per-head ``dk`` slot from
+    :func:`_bwd_coeffs_pre`, ``DH1F`` from phase 3), so ``R3``, ``R4`` and ``g_o delta2^T`` are
+    not needed here."""
     rc = tl.arange(0, BC)
     rd = tl.arange(0, D)
     ocd = rc[:, None] * D + rd[None, :]
@@ -676,8 +694,12 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
                                                 bh, j, rmask, NT, BC, D, BF, ACT, RES, PREC, STASH)
     thc, _, _, kk, dd1, hh, dd2 = _bwd_clip(k, delta2, th, n_ptr + bh * NT * 2 * BC, NT, clip, BC, CLIP)
     A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(thc, et, al, valid, BC)
-    XH = _sum_tiles(xh_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R3 (again)
-    ddelta2 = _sum_tiles(dd2_ptr + bh * NT * BC * D, NT, BC * D, ocd) - _mm(tl.trans(XH * C), go, PREC)  # R6
+    ddelta2 = _sum_tiles(dd2_ptr + bh * NT * BC * D, NT, BC * D, ocd)  # R6
+    if FREE:
+        ddelta2 += tl.load(dd2p_ptr + bh * BC * D + ocd)
+    else:
+        XH = _sum_tiles(xh_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R3 (again)
+        ddelta2 -= _mm(tl.trans(XH * C), go, PREC)
     if CLIP:
         dn2 = tl.load(hd_ptr + bh * BC + rc, cache_modifier=".cg")
         ddelta2 += (2.0 * dn2 * hh)[:, None] * delta2
@@ -687,20 +709,25 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
     ts = _tile_scratch(bh, j, NT, BC, BF)
     if j == 0:
         tl.store(dv_ptr + xoff, -dy, mask=rmask[:, None])
-        dN1 = _sum_tiles(dn1_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R4 (again)
-        dk_head = _mm(tl.trans(dN1 * C), q, PREC)
+        if FREE:
+            dk_head = tl.load(dks_ptr + (bh * (NT + 1) + NT) * BC * D + ocd)
+        else:
+            dN1 = _sum_tiles(dn1_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R4 (again)
+            dk_head = _mm(tl.trans(dN1 * C), q, PREC)
         if RES:
             dk_head += dy
         if CLIP:
             dk_head += (2.0 * dn2 * dd1)[:, None] * k
         tl.store(dks_ptr + (bh * (NT + 1) + NT) * BC * D + ocd, dk_head)
     # the W1, S1 half: dz1, the dk partial, the new adjoint of W1, S1
-    x1 = tl.load(x1_ptr + ts)
     ddelta1 = tl.load(ddl1_ptr + ts)
-    dXHC = -_mm(go, tl.trans(delta2), PREC) * C
-    dh1 = (_mm(tl.trans(dXHC), x1, PREC) + _mm(dy, tl.trans(tl.load(w2_ptr + o2)), PREC)
-           - _mm(cl[:, None] * delta2, tl.trans(tl.load(aw2_ptr + o2)), PREC)
-           - _mm(ml[:, None] * delta2, tl.trans(tl.load(as2_ptr + o2)), PREC))
+    if FREE:
+        dh1 = tl.load(dh1f_ptr + ts)
+    else:
+        dh1 = _mm(tl.trans(-_mm(go, tl.trans(delta2), PREC) * C), tl.load(x1_ptr + ts), PREC)
+    dh1 += (_mm(dy, tl.trans(tl.load(w2_ptr + o2)), PREC)
+            - _mm(cl[:, None] * delta2, tl.trans(tl.load(aw2_ptr + o2)), PREC)
+            - _mm(ml[:, None] * delta2, tl.trans(tl.load(as2_ptr + o2)), PREC))
     if CLIP:
         dh1 += (2.0 * dn2 * dd2)[:, None] * h1
     dz1 = dh1 * sd1 + ddelta1 * u * _act_dd(z1, ACT)
@@ -753,18 +780,21 @@ SEG_COEFFS_PRE, SEG_COEFFS_WALK = 7, 8
 def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_ptr, dth_ptr, det_ptr, dal_ptr,
                         w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
                         p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, dqs_ptr, dks_ptr, x1_ptr, da1_ptr,
-                        zs_ptr, us_ptr, d2s_ptr, hdp_ptr, gs_ptr, dd2_ptr, ddl1_ptr, hd_ptr,
-                        BH, T, c0, s_walk, NT, clip,
+                        zs_ptr, us_ptr, d2s_ptr, hdp_ptr, df1_ptr, dh1f_ptr, dd2p_ptr, gs_ptr, dd2_ptr, ddl1_ptr,
+                        hd_ptr, BH, T, c0, s_walk, NT, clip,
                         BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
                         ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-                        PHASE: tl.constexpr):
+                        PHASE: tl.constexpr, FREE: tl.constexpr = False):
     """One phase of the segment walk for tile ``program_id(0)`` of head ``program_id(1)``: for
     ``PHASE`` ``SEG_KEYS, SEG_NORMS, SEG_RETRIEVAL`` (phases 1, 2 without the adjoint, 3) and
     ``SEG_COEFFS_PRE`` (the adjoint-free part of phase 4's per-head coefficient backward, one
     program per head) of chunk ``c0 + program_id(2)``; for ``SEG_GATES, SEG_COEFFS, SEG_STATE``
     (the adjoint half of phase 2, phases 4, 5) and ``SEG_COEFFS_WALK`` (phase 4 after
     ``SEG_COEFFS_PRE``) of chunk ``c0 + s_walk``. ``w1 ..`` hold the segment's chunk-start states
-    (slot stride ``BH D F``); the adjoint ``aw1 ..`` is updated in place by ``SEG_STATE``."""
+    (slot stride ``BH D F``); the adjoint ``aw1 ..`` is updated in place by ``SEG_STATE``.
+    ``FREE`` (with the hoisted phases): phases 3 and ``SEG_COEFFS_PRE`` also stash the
+    adjoint-free terms of phases 4 and 5 (``DF1, DH1F, DD2P`` and the per-head ``dk`` slot), which
+    the walk then reads instead of computing them."""
     j = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     if PHASE <= 3 or PHASE == 7:  # SEG_KEYS .. SEG_RETRIEVAL, SEG_COEFFS_PRE: over the chunks
@@ -791,6 +821,9 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
     us = us_ptr + s * tile * BF
     d2s = d2s_ptr + s * tile * D
     hdp = hdp_ptr + s * BH * BC
+    df1 = df1_ptr + s * tile * BF
+    dh1f = dh1f_ptr + s * tile * BF
+    dd2p = dd2p_ptr + s * BH * BC * D
     if PHASE == 1:  # SEG_KEYS
         _bwd_keys(bh, j, k_ptr, w1, w2, p, T, t0, NT, BC, D, F, BF, ACT, PREC)
     elif PHASE == 2 or PHASE == 4:  # SEG_NORMS, SEG_GATES
@@ -810,17 +843,17 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
                                aw2_ptr, as2_ptr, gt, gs_ptr, NT, BC, PREC)
     elif PHASE == 3:  # SEG_RETRIEVAL
         _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, w1, s1, w2, s2,
-                       p, n, xh, dn1, gt, dqs, x1, da1, zs, us, d2s, T, t0, NT, clip,
-                       BC, D, F, BF, ACT, RES, CLIP, PREC, True)
+                       p, n, xh, dn1, gt, dqs, x1, da1, zs, us, d2s, df1, dh1f, T, t0, NT, clip,
+                       BC, D, F, BF, ACT, RES, CLIP, PREC, True, FREE)
     elif PHASE == 7:  # SEG_COEFFS_PRE
         _bwd_coeffs_pre(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, p, n, xh, dn1, gt, dqs, hdp,
-                        dth_ptr, det_ptr, dal_ptr, d2s, T, t0, NT, clip, BC, D, RES, CLIP, PREC)
+                        dth_ptr, det_ptr, dal_ptr, d2s, dd2p, dks, T, t0, NT, clip, BC, D, RES, CLIP, PREC, FREE)
     elif PHASE == 5 or PHASE == 8:  # SEG_COEFFS, SEG_COEFFS_WALK
         _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, w1, w2,
                     aw1_ptr, as1_ptr, aw2_ptr, as2_ptr, p, n, xh, dn1, gt, gs_ptr, dqs, da1, ddl1_ptr, dd2_ptr,
-                    hd_ptr, hdp, dth_ptr, det_ptr, dal_ptr, zs, us, d2s, T, t0, NT, clip,
-                    BC, D, F, BF, ACT, RES, CLIP, PREC, True, PHASE == 8)
+                    hd_ptr, hdp, dth_ptr, det_ptr, dal_ptr, zs, us, d2s, df1, T, t0, NT, clip,
+                    BC, D, F, BF, ACT, RES, CLIP, PREC, True, PHASE == 8, FREE)
     else:  # SEG_STATE
         _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_ptr, w1, w2,
                    aw1_ptr, as1_ptr, aw2_ptr, as2_ptr, p, n, xh, dn1, dd2_ptr, hd_ptr, dks, x1, da1, ddl1_ptr,
-                   zs, us, d2s, T, t0, NT, clip, BC, D, F, BF, ACT, RES, CLIP, PREC, True)
+                   zs, us, d2s, dh1f, dd2p, T, t0, NT, clip, BC, D, F, BF, ACT, RES, CLIP, PREC, True, FREE)
