@@ -570,7 +570,9 @@ def run_aot_tiled(tiles=(4, 8)) -> int:
             (TP._bwd_kernel, dict(PHASE=0), 4, "persistent bwd"),
             (TP._bwd_kernel, dict(PHASE=0), 8, "persistent bwd"),
             (TP._bwd_kernel, dict(PHASE=0, STASH=True), 8, "persistent bwd, stash"),
-            *((TT._bwd_segment_kernel, dict(PHASE=ph), 8, f"segment walk phase {ph}") for ph in range(1, 10)),
+            # the default (hoisted coefficients, FREE); PHASE 5 is the walk's phase 4 when not hoisted
+            *((TT._bwd_segment_kernel, dict(PHASE=ph, FREE=ph != TT.SEG_COEFFS), 8, f"segment walk phase {ph}")
+              for ph in range(1, 9)),
         ):
             consts = {k: v for k, v in dict(base, **extra).items() if k in fn.arg_names}
             ok &= _aot_compile(fn, consts, nw, f"tiled x{n} {label}")

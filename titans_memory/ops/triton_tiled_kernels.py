@@ -261,6 +261,10 @@ def _output_kernel(q_ptr, op_ptr, o_ptr, T, t0, slot, NT, BC: tl.constexpr, D: t
 #   DQ, DK [BH, NT + 1, BC, D]  R7 / R8 partials; slot NT holds the per-head terms
 #   X1, DA1, DDL1 [BH, NT, BC, BF]  tile-local stash: x1_j, da1_j, d delta1_j
 #   HD  [BH, BC]             per head (clip only): d n^2 from the coefficient backward
+# and in the segment walk (per chunk of a segment, see below):
+#   HDP [BH, BC]             the coefficient pre-pass's part of d n^2 (clip only)
+#   DF1, DH1F [BH, NT, BC, BF]  adjoint-free terms of d delta1_j, d h1_j (FREE, from phase 3)
+#   DD2P [BH, BC, D]         adjoint-free term of d delta2 (FREE, from the coefficient pre-pass)
 @triton.jit
 def _sum_tiles(ptr, n, stride, offs):
     """``sum_t ptr[t * stride + offs]`` for ``t = 0 .. n - 1``, tile 0 first (deterministic)."""
@@ -767,8 +771,36 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
 # the recompute has just stored for every chunk of the segment. So they run first for all chunks
 # of the segment at once (grid ``(NT, BH, nc)``, each chunk with its own scratch slot), and the
 # reverse walk over the chunks is left with three launches per chunk, each of grid ``(NT, BH)``.
+# So does the part of phase 4's per-head coefficient backward whose cotangents come from the
+# retrieval (``SEG_COEFFS_PRE``, grid ``(1, BH, nc)``, after phase 3): the coefficient and clip
+# backward are linear in their cotangents, so the walk back-propagates only the rest.
 # Per-chunk scratch (leading axis: the chunk's slot in the segment): P, N, XH, DN1, GT, DQ, DK,
-# X1, DA1, ZS, US, D2S; one slot: GS, DD2, DDL1, HD (written and read within one chunk's walk).
+# X1, DA1, ZS, US, D2S, HDP (and with FREE DF1, DH1F, DD2P); one slot: GS, DD2, DDL1, HD (written
+# and read within one chunk's walk).
+@triton.jit
+def _seg_adjoint_gates(bh, j, s, c0, BH, T, NT, k_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr,
+                       as2_ptr, gt_ptr, gs_ptr, zs_ptr, us_ptr, d2s_ptr,
+                       BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr, ACT: tl.constexpr,
+                       RES: tl.constexpr, PREC: tl.constexpr):
+    """The adjoint half of phase 2 (``_bwd_adjoint_gates``) for chunk ``c0 + s`` of the segment,
+    its forward quantities from the stash of slot ``s`` (``v`` and the R1 partials are not read)."""
+    t0 = (c0 + s) * BC
+    tile = BH * NT * BC
+    sst = s * BH * D * F
+    rmask = (t0 + tl.arange(0, BC)) < T
+    o1, o2 = _tile_offsets(bh, j, D, F, BF)
+    k = _rows(k_ptr, bh, T, t0, BC, D)
+    w1t = tl.load(w1_ptr + sst + o1)
+    w2t = tl.load(w2_ptr + sst + o2)
+    zs = zs_ptr + s * tile * BF
+    us = us_ptr + s * tile * BF
+    d2s = d2s_ptr + s * tile * D
+    delta2, _, h1, _, _, delta1 = _bwd_fetch(k, k, w1t, w2t, d2s, zs, us, d2s, bh, j, rmask, NT, BC, D, BF, ACT,
+                                             RES, PREC, True)
+    _bwd_adjoint_gates(bh, j, k, delta2, h1, delta1, w1t, w2t, o1, o2, s1_ptr + sst, s2_ptr + sst, aw1_ptr,
+                       as1_ptr, aw2_ptr, as2_ptr, gt_ptr + s * tile * 4, gs_ptr, NT, BC, PREC)
+
+
 # PHASE of _bwd_segment_kernel (the kernel compares literals: Triton reads no plain globals)
 SEG_KEYS, SEG_NORMS, SEG_RETRIEVAL, SEG_GATES, SEG_COEFFS, SEG_STATE = 1, 2, 3, 4, 5, 6
 # the hoisted coefficient backward (``hoist_coeffs``): its adjoint-free part over the chunks of a
@@ -826,21 +858,16 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
     dd2p = dd2p_ptr + s * BH * BC * D
     if PHASE == 1:  # SEG_KEYS
         _bwd_keys(bh, j, k_ptr, w1, w2, p, T, t0, NT, BC, D, F, BF, ACT, PREC)
-    elif PHASE == 2 or PHASE == 4:  # SEG_NORMS, SEG_GATES
+    elif PHASE == 2:  # SEG_NORMS
         rmask = (t0 + tl.arange(0, BC)) < T
         o1, o2 = _tile_offsets(bh, j, D, F, BF)
         k = _rows(k_ptr, bh, T, t0, BC, D)
-        w1t = tl.load(w1 + o1)
-        w2t = tl.load(w2 + o2)
-        if PHASE == 2:
-            v = _rows(v_ptr, bh, T, t0, BC, D)
-            _bwd_stash_norms(bh, j, k, v, w1t, w2t, p, n, zs, us, d2s, rmask, NT, BC, D, BF, ACT, RES, CLIP,
-                             PREC, True)
-        else:  # from the stash: v (passed as k) and the R1 partials are not read
-            delta2, _, h1, _, _, delta1 = _bwd_fetch(k, k, w1t, w2t, p + bh * NT * BC * D, zs, us, d2s, bh, j,
-                                                     rmask, NT, BC, D, BF, ACT, RES, PREC, True)
-            _bwd_adjoint_gates(bh, j, k, delta2, h1, delta1, w1t, w2t, o1, o2, s1, s2, aw1_ptr, as1_ptr,
-                               aw2_ptr, as2_ptr, gt, gs_ptr, NT, BC, PREC)
+        v = _rows(v_ptr, bh, T, t0, BC, D)
+        _bwd_stash_norms(bh, j, k, v, tl.load(w1 + o1), tl.load(w2 + o2), p, n, zs, us, d2s, rmask, NT, BC, D, BF,
+                         ACT, RES, CLIP, PREC, True)
+    elif PHASE == 4:  # SEG_GATES
+        _seg_adjoint_gates(bh, j, s, c0, BH, T, NT, k_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr,
+                           as2_ptr, gt_ptr, gs_ptr, zs_ptr, us_ptr, d2s_ptr, BC, D, F, BF, ACT, RES, PREC)
     elif PHASE == 3:  # SEG_RETRIEVAL
         _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, w1, s1, w2, s2,
                        p, n, xh, dn1, gt, dqs, x1, da1, zs, us, d2s, df1, dh1f, T, t0, NT, clip,
