@@ -332,11 +332,11 @@ def _backward_scratch(cfg: _TrainCfg, dev, segmented: bool) -> dict:
                   HD=(BH, BC))
     if cfg.stash:  # z1_j, u_j, delta2 of the current chunk, written in phase 2 (see _bwd_hidden)
         shapes.update(ZS=(BH, NT, BC, BF), US=(BH, NT, BC, BF), D2S=(BH, NT, BC, d))
-    if segmented:  # the hoisted coefficient backward's part of d n^2, the stashed adjoint-free terms
+    if segmented:
+        # the hoisted coefficient backward's part of d n^2; the stashed adjoint-free terms
         shapes.update(HDP=(BH, BC))
         if cfg.hoist_free:
             shapes.update(DF1=(BH, NT, BC, BF), DH1F=(BH, NT, BC, BF), DD2P=(BH, BC, d))
-    if segmented:
         per_chunk = ("P", "N", "XH", "DN1", "GT", "DQ", "DK", "X1", "DA1", "ZS", "US", "D2S", "HDP", "DF1", "DH1F",
                      "DD2P")
         lead = {name: min(cfg.K, cfg.n_chunks) for name in per_chunk}
@@ -355,9 +355,9 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
     Three drivers of the same phases: ``cfg.persistent`` and not ``per_phase``: one persistent
     launch with barriers (the chunk walk, five phases per chunk); with the stash
     (:func:`_uses_segment_walk`, ``per_phase`` for the CUDA-graph backward): the segment walk, the
-    adjoint-free phases of all ``nc`` chunks first (three launches), then three launches per chunk
-    in reverse, then the ``dq, dk`` rows of the segment; else the chunk walk launched phase by
-    phase (five launches per chunk)."""
+    adjoint-free phases of all ``nc`` chunks first (three launches, four with ``hoist_coeffs``),
+    then three launches per chunk in reverse, then the ``dq, dk`` rows of the segment; else the
+    chunk walk launched phase by phase (five launches per chunk)."""
     dq, dk, dv, dth, det, dal = grads
     BH, NT = cfg.BH, cfg.NT
     dev = xs[0].device
@@ -687,8 +687,7 @@ def neural_memory_tiled_triton_train(
     bwd_graph = bool(bwd_graph) if bwd_graph is not None else q.is_cuda
     cfg = _TrainCfg(BH, T, d, hid, spec, chunk_size, n_tiles, max_update_norm, segment_chunks, precision,
                     persistent=persistent, check=check, bwd_tiles=bwd_tiles, num_warps=num_warps, stash=stash,
-                    bwd_graph=bwd_graph, hoist_coeffs=hoist_coeffs,
-                    hoist_free=hoist_free)
+                    bwd_graph=bwd_graph, hoist_coeffs=hoist_coeffs, hoist_free=hoist_free)
     xs = [t.reshape(BH, T, d).to(f32).contiguous() for t in (q, k, v)]
     gates = [t.reshape(BH, T).to(f32).contiguous() for t in (theta, eta, alpha)]
     st = [t.reshape(BH, *t.shape[2:]).to(f32).contiguous() for t in (W[0], S[0], W[1], S[1])]
