@@ -10,15 +10,19 @@ for 1, 2, 4 tiles), chunk 16, T = 40 (two full chunks and a partial one). Under 
 The training path (:func:`neural_memory_tiled_triton_train`) is checked the same way: the gradients
 of all inputs (q, k, v, the three gates, both weights, both momenta) from random cotangents of the
 output and of the final state, against ``torch.autograd.grad`` through the chunked form in fp64,
-``||g - ref|| / ||ref|| < 1e-4`` per tensor.
+``||g - ref|| / ||ref|| < 1e-4`` per tensor. The walk's matmul-free coefficient backward
+(``_coeffs_bwd_last``) is also checked alone against the general ``_coeffs_bwd`` (1e-5 relative).
 """
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from titans_memory.errors import ConfigError
 from titans_memory.ops import layer_shapes, neural_memory_chunked
 from titans_memory.ops.mlp import MemoryMLPSpec
+from titans_memory.ops.triton_kernels import _coeffs, _coeffs_bwd, _coeffs_bwd_last
 from titans_memory.ops.triton_tiled import neural_memory_tiled_triton, neural_memory_tiled_triton_train
 
 REL_TOL = 1e-4
@@ -361,3 +365,52 @@ def test_layer_with_impl_triton_tiled_matches_torch_with_state_carry():
     assert rel_err(outs["tiled"][0], outs["torch"][0].double()) < REL_TOL
     for n, g in outs["torch"][1].items():
         assert rel_err(outs["tiled"][1][n], g.double()) < REL_TOL, n
+
+
+@triton.jit
+def _coeffs_bwd_kernel(th_ptr, et_ptr, al_ptr, dC_ptr, vec_ptr, sc_ptr, out_ptr, valid, BC: tl.constexpr):
+    """Test kernel: ``_coeffs_bwd`` with only the last-row cotangents, ``_coeffs_bwd_last``, the
+    whole ``_coeffs_bwd`` and its hoisted part (last-row cotangents zero), 3 rows each."""
+    rc = tl.arange(0, BC)
+    occ = rc[:, None] * BC + rc[None, :]
+    th = tl.load(th_ptr + rc)
+    et = tl.load(et_ptr + rc)
+    al = tl.load(al_ptr + rc)
+    dC = tl.load(dC_ptr + occ)
+    dbeta = tl.load(vec_ptr + rc)
+    dg = tl.load(vec_ptr + BC + rc)
+    dcl = tl.load(vec_ptr + 2 * BC + rc)
+    dml = tl.load(vec_ptr + 3 * BC + rc)
+    dbl = tl.load(sc_ptr)
+    dgl = tl.load(sc_ptr + 1)
+    d_el = tl.load(sc_ptr + 2)
+    A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(th, et, al, valid, BC)
+    zero = th * 0.0
+    z0 = tl.sum(zero, axis=0)
+    outs = (_coeffs_bwd(dC * 0.0, zero, zero, dcl, dml, dbl, dgl, d_el, th, et, al, valid, A, Dm, Pm, beta, E, BC)
+            + _coeffs_bwd_last(dcl, dml, dbl, dgl, d_el, th, et, al, valid, A, Dm, Pm, beta, E, BC)
+            + _coeffs_bwd(dC, dbeta, dg, dcl, dml, dbl, dgl, d_el, th, et, al, valid, A, Dm, Pm, beta, E, BC)
+            + _coeffs_bwd(dC, dbeta, dg, zero, zero, z0, z0, z0, th, et, al, valid, A, Dm, Pm, beta, E, BC))
+    for i in tl.static_range(12):
+        tl.store(out_ptr + i * BC + rc, outs[i])
+
+
+@pytest.mark.parametrize("valid", [CHUNK, CHUNK - 5])
+def test_last_row_coefficient_backward_equals_the_general_one(valid):
+    """``_coeffs_bwd_last`` (the walk's coefficient backward after the hoisted part, no matmul)
+    against ``_coeffs_bwd`` given the same last-row cotangents and zero ``dC, dbeta, dg``, and the
+    linearity the hoisting rests on: the general backward of all cotangents equals the sum of its
+    hoisted part (last-row cotangents zero) and ``_coeffs_bwd_last``. Fresh random fp32 gates and
+    cotangents, a full and a partial chunk; bound 1e-5 relative (the interpreter computes in fp32)."""
+    torch.manual_seed(31 + valid)
+    BC = CHUNK
+    th, et, al = torch.rand(BC) * 0.4, torch.rand(BC) * 0.9 + 0.05, torch.rand(BC) * 0.3
+    dC, vec, sc = torch.randn(BC, BC), torch.randn(4, BC), torch.randn(3)
+    out = torch.zeros(12, BC)
+    _coeffs_bwd_kernel[(1,)](th, et, al, dC, vec, sc, out, valid, BC=BC)
+    general_last, last, whole, hoisted = out[0:3], out[3:6], out[6:9], out[9:12]
+    rows = slice(0, valid)
+    for name, a, b in (("last row", last, general_last), ("hoisted + last row", hoisted + last, whole)):
+        err = ((a[:, rows] - b[:, rows]).norm() / b[:, rows].norm()).item()
+        assert err < 1e-5, f"{name}: relative error {err:.2e}"
+    assert last[:, rows].abs().sum() > 0  # the last-row part is not trivially zero
