@@ -219,6 +219,8 @@ def _bwd_chunk(bh, j, n, nb,
             nb = _head_sync(cnt_ptr + bh, err_ptr, nb, NT)
     elif STASH:  # the stash is written and read by different threads of this program
         tl.debug_barrier()
+    # the phase functions' FREE / HOISTED scratch (DF1, DH1F, HDP, DD2P) is segment-walk only:
+    # other pointers fill those arguments here, unused
     if MASK & 4:
         if n + 1 < n_chunks:  # R7 / R8 of the chunk after this one (its partials are complete)
             if j == (n + 1) % NT:

@@ -523,15 +523,14 @@ def _bwd_coeff_inputs(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, p_ptr, n_
                       BC: tl.constexpr, D: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr,
                       PREC: tl.constexpr, STASH: tl.constexpr):
     """What phase 4 needs of the forward: the chunk's rows and gates, ``delta2`` (tile ``j``'s
-    stash or R1), the clipped step and the chunk coefficients, ``q k^T``."""
+    stash or R1), the clipped step and the chunk coefficients."""
     q, k, v, th, et, al, valid, rmask, xoff, goff = _load_chunk(
         q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, bh, T, t0, BC, D)
     delta2 = _bwd_delta2(k, v, p_ptr + bh * NT * BC * D, d2s_ptr, bh, j, rmask, NT, BC, D, RES, STASH)
     thc, nrm, r, kk, dd1, hh, dd2 = _bwd_clip(k, delta2, th, n_ptr + bh * NT * 2 * BC, NT, clip, BC, CLIP)
     A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(thc, et, al, valid, BC)
-    QK = _mm(q, tl.trans(k), PREC)
     return (q, k, th, et, al, valid, rmask, xoff, goff, delta2, thc, nrm, r, kk,
-            A, Dm, Pm, C, beta, E, cl, ml, QK)
+            A, Dm, Pm, C, beta, E, cl, ml)
 
 
 @triton.jit
@@ -553,9 +552,10 @@ def _bwd_coeffs_pre(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, p_p
     rd = tl.arange(0, D)
     ocd = rc[:, None] * D + rd[None, :]
     occ = rc[:, None] * BC + rc[None, :]
-    (q, k, th, et, al, valid, rmask, xoff, goff, delta2, thc, nrm, r, kk, A, Dm, Pm, C, beta, E, cl, ml,
-     QK) = _bwd_coeff_inputs(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, p_ptr, n_ptr, d2s_ptr, 0, T, t0, NT,
+    (q, k, th, et, al, valid, rmask, xoff, goff, delta2, thc, nrm, r, kk, A, Dm, Pm, C, beta, E, cl,
+     ml) = _bwd_coeff_inputs(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, p_ptr, n_ptr, d2s_ptr, 0, T, t0, NT,
                              clip, BC, D, RES, CLIP, PREC, True)
+    QK = _mm(q, tl.trans(k), PREC)
     go = tl.load(go_ptr + xoff, mask=rmask[:, None], other=0.0)
     XH = _sum_tiles(xh_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R3
     dN1 = _sum_tiles(dn1_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R4
@@ -607,9 +607,11 @@ def _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
     occ = rc[:, None] * BC + rc[None, :]
     # the per-head coefficient backward first, the tile's hidden activations after it: fewer
     # tensors live at once (this phase spilled most)
-    (q, k, th, et, al, valid, rmask, xoff, goff, delta2, thc, nrm, r, kk, A, Dm, Pm, C, beta, E, cl, ml,
-     QK) = _bwd_coeff_inputs(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, p_ptr, n_ptr, d2s_ptr, j, T, t0, NT,
+    (q, k, th, et, al, valid, rmask, xoff, goff, delta2, thc, nrm, r, kk, A, Dm, Pm, C, beta, E, cl,
+     ml) = _bwd_coeff_inputs(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, p_ptr, n_ptr, d2s_ptr, j, T, t0, NT,
                              clip, BC, D, RES, CLIP, PREC, STASH)
+    if not FREE:  # FREE (with HOISTED) needs no q k^T here: its one use comes stashed
+        QK = _mm(q, tl.trans(k), PREC)
     gt = gt_ptr + bh * NT * 4 * BC  # R5
     dcl = _sum_tiles(gt + 2 * BC, NT, 4 * BC, rc)
     dml = _sum_tiles(gt + 3 * BC, NT, 4 * BC, rc)
@@ -680,8 +682,9 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
     the tile's ``dz1``, its R8 partial of ``dk``, and the adjoint of its slice of the chunk-start
     state, written in place over the adjoint of the state after the chunk: first the ``W1, S1``
     half (with ``dz1`` and ``dk``), then the ``W2, S2`` half, so that fewer tensors are live at
-    once (Triton 3.6 compile report: 3304 spill bytes and 147 KB of shared memory, against 3692
-    and 229 KB with the four new adjoint tiles computed before any is stored). ``FREE``: the
+    once (Triton 3.6 compile report, W1 shapes without ``FREE``: 3296 spill bytes and 144 KB of
+    shared memory, against 3692 and 224 KB with the four new adjoint tiles computed before any is
+    stored). ``FREE``: the
     adjoint-free terms come stashed (``DD2P`` and the per-head ``dk`` slot from
     :func:`_bwd_coeffs_pre`, ``DH1F`` from phase 3), so ``R3``, ``R4`` and ``g_o delta2^T`` are
     not needed here."""
@@ -777,30 +780,6 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
 # Per-chunk scratch (leading axis: the chunk's slot in the segment): P, N, XH, DN1, GT, DQ, DK,
 # X1, DA1, ZS, US, D2S, HDP (and with FREE DF1, DH1F, DD2P); one slot: GS, DD2, DDL1, HD (written
 # and read within one chunk's walk).
-@triton.jit
-def _seg_adjoint_gates(bh, j, s, c0, BH, T, NT, k_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr,
-                       as2_ptr, gt_ptr, gs_ptr, zs_ptr, us_ptr, d2s_ptr,
-                       BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr, ACT: tl.constexpr,
-                       RES: tl.constexpr, PREC: tl.constexpr):
-    """The adjoint half of phase 2 (``_bwd_adjoint_gates``) for chunk ``c0 + s`` of the segment,
-    its forward quantities from the stash of slot ``s`` (``v`` and the R1 partials are not read)."""
-    t0 = (c0 + s) * BC
-    tile = BH * NT * BC
-    sst = s * BH * D * F
-    rmask = (t0 + tl.arange(0, BC)) < T
-    o1, o2 = _tile_offsets(bh, j, D, F, BF)
-    k = _rows(k_ptr, bh, T, t0, BC, D)
-    w1t = tl.load(w1_ptr + sst + o1)
-    w2t = tl.load(w2_ptr + sst + o2)
-    zs = zs_ptr + s * tile * BF
-    us = us_ptr + s * tile * BF
-    d2s = d2s_ptr + s * tile * D
-    delta2, _, h1, _, _, delta1 = _bwd_fetch(k, k, w1t, w2t, d2s, zs, us, d2s, bh, j, rmask, NT, BC, D, BF, ACT,
-                                             RES, PREC, True)
-    _bwd_adjoint_gates(bh, j, k, delta2, h1, delta1, w1t, w2t, o1, o2, s1_ptr + sst, s2_ptr + sst, aw1_ptr,
-                       as1_ptr, aw2_ptr, as2_ptr, gt_ptr + s * tile * 4, gs_ptr, NT, BC, PREC)
-
-
 # PHASE of _bwd_segment_kernel (the kernel compares literals: Triton reads no plain globals)
 SEG_KEYS, SEG_NORMS, SEG_RETRIEVAL, SEG_GATES, SEG_COEFFS, SEG_STATE = 1, 2, 3, 4, 5, 6
 # the hoisted coefficient backward (``hoist_coeffs``): its adjoint-free part over the chunks of a
@@ -865,9 +844,16 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
         v = _rows(v_ptr, bh, T, t0, BC, D)
         _bwd_stash_norms(bh, j, k, v, tl.load(w1 + o1), tl.load(w2 + o2), p, n, zs, us, d2s, rmask, NT, BC, D, BF,
                          ACT, RES, CLIP, PREC, True)
-    elif PHASE == 4:  # SEG_GATES
-        _seg_adjoint_gates(bh, j, s, c0, BH, T, NT, k_ptr, w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr,
-                           as2_ptr, gt_ptr, gs_ptr, zs_ptr, us_ptr, d2s_ptr, BC, D, F, BF, ACT, RES, PREC)
+    elif PHASE == 4:  # SEG_GATES, from the stash: v (passed as k) and the R1 partials are not read
+        rmask = (t0 + tl.arange(0, BC)) < T
+        o1, o2 = _tile_offsets(bh, j, D, F, BF)
+        k = _rows(k_ptr, bh, T, t0, BC, D)
+        w1t = tl.load(w1 + o1)
+        w2t = tl.load(w2 + o2)
+        delta2, _, h1, _, _, delta1 = _bwd_fetch(k, k, w1t, w2t, p + bh * NT * BC * D, zs, us, d2s, bh, j, rmask,
+                                                 NT, BC, D, BF, ACT, RES, PREC, True)
+        _bwd_adjoint_gates(bh, j, k, delta2, h1, delta1, w1t, w2t, o1, o2, s1, s2, aw1_ptr, as1_ptr, aw2_ptr,
+                           as2_ptr, gt, gs_ptr, NT, BC, PREC)
     elif PHASE == 3:  # SEG_RETRIEVAL
         _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, w1, s1, w2, s2,
                        p, n, xh, dn1, gt, dqs, x1, da1, zs, us, d2s, df1, dh1f, T, t0, NT, clip,
