@@ -45,9 +45,10 @@ from titans_memory.ops.triton_tiled import (  # noqa: E402
 
 SPEC = MemoryMLPSpec("silu", residual=True)
 # (n_tiles, clip, precision, persistent[, bwd_tiles, bwd_warps, stash, bwd_graph, hoist_coeffs,
-# hoist_free]; defaults n_tiles, 4, False, False, True, True).
-# bf16 operands are left out: on the H200 (Triton 3.6) the persistent backward with bf16 operands
-# stopped with an illegal memory access (2026-12-01), and that poisons the CUDA context of the run.
+# hoist_free, bwd_precision]; defaults n_tiles, 4, False, False, True, True, precision).
+# bf16 operands in the persistent backward are left out: on the H200 (Triton 3.6) it stopped with
+# an illegal memory access (2026-12-01), and that poisons the CUDA context of the run; the segment
+# walk with bf16 operands ran and passed there (2026-12-02).
 CHECKED = [(4, 1.0, "tf32", True, 4, 8, True), (4, 1.0, "tf32", True, 4, 8, True, True),
            (4, None, "tf32", True, 4, 8, True, True)]
 # the default (x4, 8 warps, stash) and its backward from a CUDA graph; others: --timed
@@ -58,27 +59,29 @@ SHAPES = [(64, 4, 64), (64, 2, 64), (32, 2, 32), (32, 4, 32), (16, 4, 16)]
 
 
 def _label(v) -> str:
-    n, clip, prec, pers, bt, bw, st, gr, ho, hf = _full(v)
+    n, clip, prec, pers, bt, bw, st, gr, ho, hf, bp = _full(v)
     bwd = f", bwd x{bt} {bw} warps" if (bt, bw) != (n, 4) else ""
     hoist = "" if ho and hf else " (adjoint-free terms not stashed)" if ho else " (coefficients not hoisted)"
     walk = (", bwd graph, segment walk" + hoist) if st else ", bwd graph"
+    prec = prec if bp == prec else f"{prec} (walk {bp})"
     return (f"x{n} clip {clip} {prec} {'persistent' if pers else 'launch/phase'}{bwd}{', stash' if st else ''}"
             f"{walk if gr else ''}")
 
 
 def _full(v):
     """(n_tiles, clip, precision, persistent[, bwd_tiles, bwd_warps, stash, bwd_graph, hoist_coeffs,
-    hoist_free]) with the defaults filled in."""
+    hoist_free, bwd_precision]) with the defaults filled in."""
     n, clip, prec, pers = v[:4]
     flag = lambda i, default=False: bool(v[i]) if len(v) > i else default  # noqa: E731
     return (n, clip, prec, pers, (v[4] if len(v) > 4 else n), (v[5] if len(v) > 5 else 4), flag(6), flag(7),
-            flag(8, True), flag(9, True))
+            flag(8, True), flag(9, True), (v[10] if len(v) > 10 else prec))
 
 
 def _walk_options(v) -> dict:
     """The keyword arguments of ``neural_memory_tiled_triton_train`` for variant ``v``'s backward."""
-    n, clip, prec, pers, bt, bw, st, gr, ho, hf = _full(v)
-    return dict(bwd_tiles=bt, num_warps=(8, bw), stash=st, bwd_graph=gr, hoist_coeffs=ho, hoist_free=hf)
+    n, clip, prec, pers, bt, bw, st, gr, ho, hf, bp = _full(v)
+    return dict(bwd_tiles=bt, num_warps=(8, bw), stash=st, bwd_graph=gr, hoist_coeffs=ho, hoist_free=hf,
+                bwd_precision=bp)
 
 
 def _run_variant(v, T, Bq=B, H=HEADS, seed=0, train=True):
@@ -124,7 +127,7 @@ def check(variants, T=1008, full=True) -> bool:
     args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, torch.device("cuda"), seed=0)
     refs = {}
     for v in variants:
-        n, clip, prec, pers, _, _, _, graph, _, _ = _full(v)
+        n, clip, prec, pers, _, _, _, graph, _, _, _ = _full(v)
         t0 = time.perf_counter()
         try:
             if clip not in refs:  # the fp64 reference: outputs and gradients (same cotangents as _run_variant)

@@ -22,7 +22,7 @@ import triton.language as tl
 from titans_memory.errors import ConfigError
 from titans_memory.ops import layer_shapes, neural_memory_chunked
 from titans_memory.ops.mlp import MemoryMLPSpec
-from titans_memory.ops.triton_kernels import _coeffs, _coeffs_bwd, _coeffs_bwd_last
+from titans_memory.ops.triton_kernels import _coeffs, _coeffs_bwd, _coeffs_bwd_last, _coeffs_last
 from titans_memory.ops.triton_tiled import neural_memory_tiled_triton, neural_memory_tiled_triton_train
 
 REL_TOL = 1e-4
@@ -121,10 +121,11 @@ def test_persistent_forward_equals_chunked(clip, spec):
 BF16_TOL = 3e-2  # bf16 operands, fp32 state and accumulation (the interpreter rounds operands to bf16)
 
 
-@pytest.mark.parametrize("persistent,n_tiles", [(False, 2), (True, 1)])
-def test_tiled_bf16_operands_within_the_bf16_bound(persistent, n_tiles):
+@pytest.mark.parametrize("persistent,n_tiles,stash", [(False, 2, False), (True, 1, False), (False, 2, True)])
+def test_tiled_bf16_operands_within_the_bf16_bound(persistent, n_tiles, stash):
     """``precision="bf16"``: forward (inference) and every gradient of the training path against
-    the fp64 chunked form, relative error below 3e-2 (as ``tests/test_kernels.py``)."""
+    the fp64 chunked form, relative error below 3e-2 (as ``tests/test_kernels.py``); with the
+    stash and ``persistent=False`` the backward is the segment walk (what CUDA runs in bf16)."""
     torch.manual_seed(600 + n_tiles)
     gates, W, S = make_inputs(B=1)
     spec = MemoryMLPSpec("silu", True)
@@ -135,7 +136,7 @@ def test_tiled_bf16_operands_within_the_bf16_bound(persistent, n_tiles):
     assert max(rel_err(a, b) for a, b in zip([got[0], *got[1], *got[2]], [ref[0], *ref[1], *ref[2]])) < BF16_TOL
     leaves = [t.clone().requires_grad_(True) for t in (*gates, *W, *S)]
     o = neural_memory_tiled_triton_train(*leaves[:6], leaves[6:8], leaves[8:], spec, CHUNK, 0.05, n_tiles=n_tiles,
-                                         precision="bf16", persistent=persistent)[0]
+                                         precision="bf16", persistent=persistent, stash=stash)[0]
     cot = torch.randn_like(o)
     grads = torch.autograd.grad((o * cot).sum(), leaves)
     ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
@@ -144,6 +145,30 @@ def test_tiled_bf16_operands_within_the_bf16_bound(persistent, n_tiles):
     errs = [rel_err(a, b) for a, b in zip(grads, ref_g)]
     assert max(errs) < BF16_TOL, errs
     assert max(errs) > 1e-6  # the operands really were rounded (else this tests fp32 again)
+
+
+def test_bf16_forward_with_a_tf32_walk():
+    """``precision="bf16", bwd_precision="tf32"``: the forward (and the recompute) as with bf16
+    throughout (bitwise the same output), the walk's gradients different from the all-bf16 ones
+    and within the bf16 bound of the fp64 chunked form (segment walk, 2 tiles)."""
+    torch.manual_seed(611)
+    gates, W, S = make_inputs(B=1)
+    spec = MemoryMLPSpec("silu", True)
+    runs = {}
+    cot = None
+    for walk in ("bf16", "tf32"):
+        leaves = [t.clone().requires_grad_(True) for t in (*gates, *W, *S)]
+        o = neural_memory_tiled_triton_train(*leaves[:6], leaves[6:8], leaves[8:], spec, CHUNK, 0.05, n_tiles=2,
+                                             precision="bf16", bwd_precision=walk, persistent=False, stash=True)[0]
+        cot = torch.randn_like(o) if cot is None else cot
+        runs[walk] = (o.detach(), torch.autograd.grad((o * cot).sum(), leaves))
+    assert torch.equal(runs["bf16"][0], runs["tf32"][0])
+    assert not all(torch.equal(a, b) for a, b in zip(runs["bf16"][1], runs["tf32"][1]))
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in (*gates, *W, *S)]
+    ro = neural_memory_chunked(*ref_leaves[:6], ref_leaves[6:8], ref_leaves[8:], spec, CHUNK, 0.05)[0]
+    ref_g = torch.autograd.grad((ro * cot.double()).sum(), ref_leaves)
+    errs = [rel_err(a, b) for a, b in zip(runs["tf32"][1], ref_g)]
+    assert max(errs) < BF16_TOL, errs
 
 
 def test_barrier_failures_raise():
@@ -369,8 +394,9 @@ def test_layer_with_impl_triton_tiled_matches_torch_with_state_carry():
 
 @triton.jit
 def _coeffs_bwd_kernel(th_ptr, et_ptr, al_ptr, dC_ptr, vec_ptr, sc_ptr, out_ptr, valid, BC: tl.constexpr):
-    """Test kernel: ``_coeffs_bwd`` with only the last-row cotangents, ``_coeffs_bwd_last``, the
-    whole ``_coeffs_bwd`` and its hoisted part (last-row cotangents zero), 3 rows each."""
+    """Test kernel: ``_coeffs_bwd`` with only the last-row cotangents, ``_coeffs_bwd_last`` (from
+    ``_coeffs_last``), the whole ``_coeffs_bwd`` and its hoisted part (last-row cotangents zero), 3
+    rows each; then ``cl, g, ml`` and ``bl + gl + el`` of ``_coeffs`` and ``_coeffs_last``."""
     rc = tl.arange(0, BC)
     occ = rc[:, None] * BC + rc[None, :]
     th = tl.load(th_ptr + rc)
@@ -385,13 +411,15 @@ def _coeffs_bwd_kernel(th_ptr, et_ptr, al_ptr, dC_ptr, vec_ptr, sc_ptr, out_ptr,
     dgl = tl.load(sc_ptr + 1)
     d_el = tl.load(sc_ptr + 2)
     A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(th, et, al, valid, BC)
+    A2, Dm2, pL, beta2, E2, g2, cl2, ml2, bl2, gl2, el2 = _coeffs_last(th, et, al, valid, BC)
     zero = th * 0.0
     z0 = tl.sum(zero, axis=0)
     outs = (_coeffs_bwd(dC * 0.0, zero, zero, dcl, dml, dbl, dgl, d_el, th, et, al, valid, A, Dm, Pm, beta, E, BC)
-            + _coeffs_bwd_last(dcl, dml, dbl, dgl, d_el, th, et, al, valid, A, Dm, Pm, beta, E, BC)
+            + _coeffs_bwd_last(dcl, dml, dbl, dgl, d_el, th, et, al, valid, A2, Dm2, pL, beta2, E2, BC)
             + _coeffs_bwd(dC, dbeta, dg, dcl, dml, dbl, dgl, d_el, th, et, al, valid, A, Dm, Pm, beta, E, BC)
-            + _coeffs_bwd(dC, dbeta, dg, zero, zero, z0, z0, z0, th, et, al, valid, A, Dm, Pm, beta, E, BC))
-    for i in tl.static_range(12):
+            + _coeffs_bwd(dC, dbeta, dg, zero, zero, z0, z0, z0, th, et, al, valid, A, Dm, Pm, beta, E, BC)
+            + (cl, cl2, g, g2, ml, ml2, zero + bl + gl + el, zero + bl2 + gl2 + el2))
+    for i in tl.static_range(20):
         tl.store(out_ptr + i * BC + rc, outs[i])
 
 
@@ -401,16 +429,50 @@ def test_last_row_coefficient_backward_equals_the_general_one(valid):
     against ``_coeffs_bwd`` given the same last-row cotangents and zero ``dC, dbeta, dg``, and the
     linearity the hoisting rests on: the general backward of all cotangents equals the sum of its
     hoisted part (last-row cotangents zero) and ``_coeffs_bwd_last``. Fresh random fp32 gates and
-    cotangents, a full and a partial chunk; bound 1e-5 relative (the interpreter computes in fp32)."""
+    cotangents, a full and a partial chunk; bound 1e-5 relative (the interpreter computes in fp32).
+    Also the coefficients of ``_coeffs_last`` (no ``c x c`` matmul) against ``_coeffs``."""
     torch.manual_seed(31 + valid)
     BC = CHUNK
     th, et, al = torch.rand(BC) * 0.4, torch.rand(BC) * 0.9 + 0.05, torch.rand(BC) * 0.3
     dC, vec, sc = torch.randn(BC, BC), torch.randn(4, BC), torch.randn(3)
-    out = torch.zeros(12, BC)
+    out = torch.zeros(20, BC)
     _coeffs_bwd_kernel[(1,)](th, et, al, dC, vec, sc, out, valid, BC=BC)
     general_last, last, whole, hoisted = out[0:3], out[3:6], out[6:9], out[9:12]
     rows = slice(0, valid)
-    for name, a, b in (("last row", last, general_last), ("hoisted + last row", hoisted + last, whole)):
+    for name, a, b in (("last row", last, general_last), ("hoisted + last row", hoisted + last, whole),
+                       ("_coeffs_last's last-row coefficients", out[13:20:2], out[12:20:2])):
         err = ((a[:, rows] - b[:, rows]).norm() / b[:, rows].norm()).item()
         assert err < 1e-5, f"{name}: relative error {err:.2e}"
     assert last[:, rows].abs().sum() > 0  # the last-row part is not trivially zero
+
+
+@pytest.mark.parametrize("kernel_precision, fwd, walk", [("tf32", "tf32", "tf32"), ("bf16", "bf16", "bf16"),
+                                                         ("bf16-forward", "bf16", "tf32")])
+def test_kernel_precision_reaches_the_tiled_kernels(monkeypatch, kernel_precision, fwd, walk):
+    """``neural_memory(kernel_precision=...)`` (``MemoryConfig.kernel_precision``) passes the
+    operand precisions of the forward and the backward's walk to the tiled drivers (recorded by
+    wrappers around the real drivers, which then run), and refuses an unknown one."""
+    import titans_memory.ops.triton_tiled as tt
+    from titans_memory.ops import neural_memory
+
+    seen = {}
+    for name in ("neural_memory_tiled_triton", "neural_memory_tiled_triton_train"):
+        real = getattr(tt, name)
+
+        def wrapper(*args, _real=real, _name=name, **kw):
+            seen[_name] = (kw.get("precision"), kw.get("bwd_precision"))
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(tt, name, wrapper)
+    torch.manual_seed(5)
+    gates, W, S = make_inputs(B=1, T=CHUNK)
+    spec = MemoryMLPSpec("silu", True)
+    with torch.no_grad():
+        neural_memory(*gates, W, S, spec, CHUNK, 0.05, impl="triton_tiled", kernel_precision=kernel_precision)
+    leaves = [t.clone().requires_grad_(True) for t in gates]
+    o = neural_memory(*leaves, W, S, spec, CHUNK, 0.05, impl="triton_tiled", kernel_precision=kernel_precision)[0]
+    o.sum().backward()
+    assert seen == {"neural_memory_tiled_triton": (fwd, None), "neural_memory_tiled_triton_train": (fwd, walk)}
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+    with pytest.raises(ConfigError, match="kernel_precision"):
+        neural_memory(*gates, W, S, spec, CHUNK, 0.05, impl="triton_tiled", kernel_precision="fp16")

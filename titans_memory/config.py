@@ -10,6 +10,8 @@ from .errors import ConfigError
 Variant = Literal["lmm", "mac", "mag", "mal"]
 VARIANTS = ("lmm", "mac", "mag", "mal")
 ACTIVATIONS = ("silu", "gelu", "relu", "identity")
+# matmul operands of the Triton memory kernels (see titans_memory.ops)
+KERNEL_PRECISIONS = ("tf32", "bf16", "bf16-forward")
 
 
 @dataclass
@@ -38,6 +40,10 @@ class MemoryConfig:
             ``"auto"``, ``"torch"``, ``"checkpointed"`` (memory-light training on long
             sequences), ``"triton"``, ``"naive"`` or the experimental ``"triton_tiled"``.
             All compute the same function.
+        kernel_precision: matmul operands of the Triton kernels (fp32 state and accumulation
+            either way): ``"tf32"``, ``"bf16"``, or ``"bf16-forward"`` (bf16 in the forward
+            passes, tf32 in the backward's gradient walk; the fastest measured on an H200). See
+            :mod:`titans_memory.ops`.
     """
 
     depth: int = 2
@@ -54,6 +60,7 @@ class MemoryConfig:
     gates_per_chunk: bool = False
     max_update_norm: Optional[float] = 1.0
     impl: str = "auto"
+    kernel_precision: str = "tf32"
 
     def __post_init__(self) -> None:
         if not 1 <= self.depth <= 4:
@@ -76,6 +83,8 @@ class MemoryConfig:
                 raise ConfigError(f"{name} must be in (0, 1), got {value}")
         if self.impl not in ("auto", "torch", "checkpointed", "triton", "naive", "triton_tiled"):
             raise ConfigError(f"unknown memory impl {self.impl!r}")
+        if self.kernel_precision not in KERNEL_PRECISIONS:
+            raise ConfigError(f"kernel_precision must be one of {KERNEL_PRECISIONS}, got {self.kernel_precision!r}")
         if self.max_update_norm is not None and self.max_update_norm <= 0:
             raise ConfigError(f"max_update_norm must be > 0 or None, got {self.max_update_norm}")
 

@@ -120,6 +120,7 @@ class NeuralMemory(nn.Module):
             q, k, v, gates["theta"], gates["eta"], gates["alpha"], weights, momentum,
             spec=self.spec, chunk_size=self.config.chunk_size,
             max_update_norm=self.config.max_update_norm, impl=self.impl,
+            kernel_precision=self.config.kernel_precision,
         )
 
     # ----------------------------------------------------------------------------------------
@@ -189,6 +190,7 @@ class NeuralMemory(nn.Module):
             p["k"], p["k"], p["v"], p["theta"], p["eta"], p["alpha"], state.weights, state.momentum,
             spec=self.spec, chunk_size=self.config.chunk_size,
             max_update_norm=self.config.max_update_norm, impl=self.impl,
+            kernel_precision=self.config.kernel_precision,
         )
         return W
 

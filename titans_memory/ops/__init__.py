@@ -30,6 +30,14 @@ memory-light checkpointed variant and the fused Triton kernels.
 tiles and the cross-tile reductions explicit: the specification of a multi-program kernel.
 :mod:`titans_memory.ops.triton_tiled` (``impl="triton_tiled"``) runs it, forward and backward, as
 Triton kernels with several programs per head.
+
+``kernel_precision`` chooses the matmul operands of the Triton kernels (state and accumulation
+stay fp32; the PyTorch paths follow PyTorch's own matmul settings): ``"tf32"`` (the default),
+``"bf16"`` (everywhere), or ``"bf16-forward"``: bf16 in the forward passes (inference, the
+training forward and the backward's recompute of it), tf32 in the backward's gradient walk. That
+split is the fastest measured for the tiled kernels on an H200 (bf16 made their walk slower;
+``benchmarks/RESULTS.md``); the fused kernels take one precision per call, so they train in tf32
+with it and infer in bf16.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..config import KERNEL_PRECISIONS
 from .checkpointed import neural_memory_checkpointed
 from .chunked import neural_memory_chunked
 from .fused import neural_memory_triton, triton_available, triton_unsupported_reason
@@ -87,13 +96,23 @@ def neural_memory(
     chunk_size: int = 64,
     max_update_norm: Optional[float] = None,
     impl: str = "auto",
+    kernel_precision: str = "tf32",
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """Update-and-retrieve over a sequence; see :mod:`titans_memory.ops.chunked` for the maths.
 
     ``impl``: ``"auto"``, ``"triton"``, ``"checkpointed"``, ``"torch"`` or ``"naive"`` (see the
     module docstring). All compute the same function; gradients flow to every tensor argument.
+    ``kernel_precision``: matmul operands of the Triton kernels, one of ``KERNEL_PRECISIONS``
+    (module docstring).
     """
+    if kernel_precision not in KERNEL_PRECISIONS:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"kernel_precision must be one of {KERNEL_PRECISIONS}, got {kernel_precision!r}")
     wants_grad = _wants_grad(q, k, v, theta, eta, alpha, *weights, *(momentum or ()))
+    # the operands of the forward passes, and of the backward's walk (tiled) / of a training call (fused)
+    fwd_prec = "tf32" if kernel_precision == "tf32" else "bf16"
+    bwd_prec = "bf16" if kernel_precision == "bf16" else "tf32"
     if impl == "auto" and _tiled_auto_ok(q, weights, spec, chunk_size, training=wants_grad):
         impl = "triton_tiled"
     if impl == "auto":
@@ -107,7 +126,8 @@ def neural_memory(
             impl = "triton"
     if impl == "triton":
         return neural_memory_triton(
-            q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size, max_update_norm
+            q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size, max_update_norm,
+            precision=bwd_prec if wants_grad else fwd_prec,
         )
     if impl == "triton_tiled":
         if not triton_available():
@@ -119,10 +139,11 @@ def neural_memory(
         n_tiles = default_n_tiles(weights[0].shape[-1])
         if not wants_grad:
             return neural_memory_tiled_triton(
-                q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size, max_update_norm, n_tiles=n_tiles)
+                q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size, max_update_norm, n_tiles=n_tiles,
+                precision=fwd_prec)
         return neural_memory_tiled_triton_train(
             q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size, max_update_norm,
-            n_tiles=n_tiles,
+            n_tiles=n_tiles, precision=fwd_prec, bwd_precision=bwd_prec,
         )
     if impl == "checkpointed":
         return neural_memory_checkpointed(
@@ -142,6 +163,7 @@ def neural_memory(
 
 
 __all__ = [
+    "KERNEL_PRECISIONS",
     "MemoryMLPSpec",
     "layer_shapes",
     "memory_apply",

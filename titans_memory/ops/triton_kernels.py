@@ -114,8 +114,10 @@ def _copy(src, dst, N: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _coeffs(th, et, al, valid, BC: tl.constexpr):
-    """Decay/mixing coefficients of one chunk (rows >= valid are padding)."""
+def _decays(th, et, al, valid, BC: tl.constexpr):
+    """What both coefficient forms share: the decay matrices ``A, Dm`` (lower triangular), the
+    per-token ``beta, E, g``, the masked step ``thm`` and the last-row coefficients ``ml, bl, gl,
+    el`` (rows >= valid are padding)."""
     rows = tl.arange(0, BC)
     inb = rows < valid
     lk = tl.where(inb, tl.log(tl.maximum(1.0 - al, _TINY)), 0.0)
@@ -128,16 +130,35 @@ def _coeffs(th, et, al, valid, BC: tl.constexpr):
     Dm = tl.where(tri, tl.exp(tl.where(tri, ce[:, None] - ce[None, :], 0.0)), 0.0)
     beta = tl.exp(ck)
     E = tl.exp(ce)
-    Pm = tl.dot(A, Dm, input_precision="ieee")
-    C = Pm * thm[None, :]
     g = tl.sum(A * E[None, :], axis=1)
     last = rows == (valid - 1)
-    cl = tl.sum(tl.where(last[:, None], C, 0.0), axis=0)
     ml = thm * tl.sum(tl.where(last[:, None], Dm, 0.0), axis=0)
     bl = tl.sum(tl.where(last, beta, 0.0), axis=0)
     gl = tl.sum(tl.where(last, g, 0.0), axis=0)
     el = tl.sum(tl.where(last, E, 0.0), axis=0)
+    return A, Dm, beta, E, g, thm, last, ml, bl, gl, el
+
+
+@triton.jit
+def _coeffs(th, et, al, valid, BC: tl.constexpr):
+    """Decay/mixing coefficients of one chunk (rows >= valid are padding)."""
+    A, Dm, beta, E, g, thm, last, ml, bl, gl, el = _decays(th, et, al, valid, BC)
+    Pm = tl.dot(A, Dm, input_precision="ieee")
+    C = Pm * thm[None, :]
+    cl = tl.sum(tl.where(last[:, None], C, 0.0), axis=0)
     return A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el
+
+
+@triton.jit
+def _coeffs_last(th, et, al, valid, BC: tl.constexpr):
+    """:func:`_coeffs` for kernels that need no ``c x c`` coefficient matrix ``C`` (``Pm * theta``),
+    only its last row: ``pL`` (row ``valid - 1`` of ``Pm = A Dm``, a vector-matrix product)
+    instead of the ``c x c`` matmul; the rest as there."""
+    A, Dm, beta, E, g, thm, last, ml, bl, gl, el = _decays(th, et, al, valid, BC)
+    aL = tl.sum(tl.where(last[:, None], A, 0.0), axis=0)  # A[L, :]
+    pL = tl.sum(aL[:, None] * Dm, axis=0)
+    cl = pL * thm
+    return A, Dm, pL, beta, E, g, cl, ml, bl, gl, el
 
 
 @triton.jit
@@ -167,18 +188,18 @@ def _coeffs_bwd(dC, dbeta, dg, dcl, dml, dbl, dgl, d_el, th, et, al, valid, A, D
 
 
 @triton.jit
-def _coeffs_bwd_last(dcl, dml, dbl, dgl, d_el, th, et, al, valid, A, Dm, Pm, beta, E, BC: tl.constexpr):
+def _coeffs_bwd_last(dcl, dml, dbl, dgl, d_el, th, et, al, valid, A, Dm, pL, beta, E, BC: tl.constexpr):
     """:func:`_coeffs_bwd` when only the last-row coefficients have cotangents (``dC, dbeta, dg``
     zero), without a matmul: ``dC`` is then one row (``dcl``), so ``dA`` is one row and ``dDm``
     a rank-one term plus a row. The backward is linear in the cotangents, so this part and the
-    rest (``_coeffs_bwd`` with ``dcl .. d_el`` zero) add up to the whole."""
+    rest (``_coeffs_bwd`` with ``dcl .. d_el`` zero) add up to the whole. ``pL``: the last row
+    of ``Pm`` (from :func:`_coeffs_last`)."""
     rows = tl.arange(0, BC)
     inb = rows < valid
     last = rows == (valid - 1)
     thm = tl.where(inb, th, 0.0)
     aL = tl.sum(tl.where(last[:, None], A, 0.0), axis=0)  # A[L, :]
     dL = tl.sum(tl.where(last[:, None], Dm, 0.0), axis=0)  # Dm[L, :]
-    pL = tl.sum(tl.where(last[:, None], Pm, 0.0), axis=0)  # Pm[L, :]
     dth = dcl * pL + dml * dL
     p = dcl * thm  # row L of dP
     dAL = tl.sum(Dm * p[None, :], axis=1) + dgl * E  # row L of dA

@@ -283,9 +283,11 @@ class _TrainCfg:
 
     def __init__(self, BH, T, d, hid, spec, chunk, n_tiles, max_update_norm, segment_chunks, prec=PREC,
                  persistent=False, check=True, bwd_tiles=None, num_warps=(8, 4), stash=False, bwd_graph=False,
-                 hoist_coeffs=True, hoist_free=True):
+                 hoist_coeffs=True, hoist_free=True, bwd_prec=None):
         self.BH, self.T, self.d, self.hid = BH, T, d, hid
+        # matmul operands of the forward and the recompute (prec), of the backward's walk (bwd_prec)
         self.prec = prec
+        self.bwd_prec = bwd_prec or prec
         self.spec = spec
         # NT / BF: the backward's tiling (recompute and walk); NT_fwd: the forward's
         self.NT_fwd = n_tiles
@@ -362,7 +364,7 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
     BH, NT = cfg.BH, cfg.NT
     dev = xs[0].device
     meta = dict(BC=cfg.BC, D=cfg.d, F=cfg.hid, BF=cfg.BF, ACT=cfg.spec.activation, RES=bool(cfg.spec.residual),
-                CLIP=cfg.CLIP, PREC=cfg.prec, num_warps=cfg.bwd_warps, num_stages=1)
+                CLIP=cfg.CLIP, PREC=cfg.bwd_prec, num_warps=cfg.bwd_warps, num_stages=1)
     if _uses_segment_walk(cfg, per_phase):
         seg = (*xs, *gates, go, dv, dth, det, dal, *starts, *adj,
                *(scr[name] for name in ("P", "N", "XH", "DN1", "GT", "DQ", "DK", "X1", "DA1", "ZS", "US", "D2S",
@@ -471,8 +473,9 @@ class TiledTritonMemory(torch.autograd.Function):
             graphed = _graphed_backward(cfg, (qf, kf, vf), (th, et, al), go, ck, adj) if cfg.bwd_graph else None
             if graphed is not None:
                 grads, adj, err = graphed
-            else:
-                grads, adj, err = _backward_body(cfg, (qf, kf, vf), (th, et, al), go, ck, [a.clone() for a in adj])
+            else:  # the graph's walk, launched eagerly (first sighting, evicted, capture failed)
+                grads, adj, err = _backward_body(cfg, (qf, kf, vf), (th, et, al), go, ck, [a.clone() for a in adj],
+                                                 per_phase=cfg.bwd_graph)
         if cfg.check:
             check_barriers(err)
         return (None, *grads, *adj)
@@ -555,7 +558,7 @@ def _graphed_backward(cfg: _TrainCfg, xs, gates, go, ck, adj):
     """The backward from the cached graph of ``cfg``'s configuration, captured now if this is
     its second sighting; ``None`` at the first (the caller then runs it eagerly)."""
     key = (xs[0].device, tuple(xs[0].shape), cfg.hid, cfg.spec, cfg.BC, cfg.NT_fwd, cfg.NT, cfg.K, cfg.CLIP,
-           cfg.clip, cfg.prec, cfg.persistent, cfg.fwd_warps, cfg.bwd_warps, cfg.stash, cfg.hoist_coeffs,
+           cfg.clip, cfg.prec, cfg.bwd_prec, cfg.persistent, cfg.fwd_warps, cfg.bwd_warps, cfg.stash, cfg.hoist_coeffs,
            cfg.hoist_free)
     graph = _GRAPHS.pop(key, None)
     if graph is None:
@@ -604,6 +607,7 @@ def neural_memory_tiled_triton_train(
     bwd_graph: Optional[bool] = None,
     hoist_coeffs: bool = True,
     hoist_free: bool = True,
+    bwd_precision: Optional[str] = None,
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """Differentiable twin of :func:`neural_memory_tiled_triton` (depth 2, same coverage and
     requirements, same result): gradients flow to ``q, k, v, theta, eta, alpha``, ``weights`` and
@@ -624,15 +628,19 @@ def neural_memory_tiled_triton_train(
     :func:`_backward_walk`: phases 1, 2 (adjoint-free half) and 3 for all chunks of a segment in
     one launch each, then three launches per chunk), the whole backward captured once per
     configuration in a CUDA graph and replayed (``GRAPH_CACHE_SIZE`` graphs kept, each with its
-    own buffers; captured at a configuration's second backward, the first runs the persistent
-    backward, as does a configuration whose graph was evicted; ``clear_backward_graphs()`` frees
-    them). ``hoist_coeffs`` (the segment walk only, default on): the part of phase 4's per-head
+    own buffers; captured at a configuration's second backward; the first runs the same walk
+    eagerly, as does a configuration whose graph was evicted or failed to capture;
+    ``clear_backward_graphs()`` frees them). ``hoist_coeffs`` (the segment walk only, default on): the part of phase 4's per-head
     coefficient and clip backward that does not depend on the state adjoint (the cotangents from
     the retrieval) runs for all chunks of a segment in one launch before the walk
     (``_bwd_coeffs_pre``), leaving the walk the last-row part, which needs no matmul.
     ``hoist_free`` (with ``hoist_coeffs``, default on): phase 3 and that launch also stash the
     terms of phases 4 and 5 that do not depend on the adjoint (``FREE`` of the kernels), so the
-    walk reads them instead of computing them.
+    walk reads them instead of computing them. ``bwd_precision`` (default ``precision``): the
+    matmul operands of the backward's walk; the forward and the recompute of the chunk-start
+    states use ``precision`` (so ``precision="bf16", bwd_precision="tf32"`` runs bf16 operands
+    where they pay, in the forward and the recompute, and tf32 in the walk, where bf16 was slower
+    on an H200: ``benchmarks/RESULTS.md``).
 
     The backward (:class:`TiledTritonMemory`) is the hand-written tiled backward of
     :func:`~titans_memory.ops.tiled.chunk_backward_depth2` as Triton kernels: five phases per
@@ -670,13 +678,6 @@ def neural_memory_tiled_triton_train(
     if T == 0:
         return q.new_zeros(q.shape), [w.clone() for w in W], [s.clone() for s in S]
     f32 = torch.float32
-    if q.is_cuda and (precision == "bf16" or num_warps[1] > 8):
-        # both stopped with "CUDA error: an illegal memory access" on an H200 with Triton 3.6
-        # (2026-12-01, benchmarks/RESULTS.md), which leaves the CUDA context unusable
-        raise ConfigError(
-            f"neural_memory_tiled_triton_train on CUDA does not cover precision={precision!r} with "
-            f"{num_warps[1]} backward warps: bf16 operands and more than 8 warps in the tiled backward "
-            "failed on the GPU; use precision='tf32' (the default) and at most 8 warps")
     if bwd_tiles is not None:
         reason = tiled_triton_unsupported_reason(q, W, spec, chunk_size, bwd_tiles)
         if reason is not None:
@@ -685,9 +686,21 @@ def neural_memory_tiled_triton_train(
     if bwd_graph and not q.is_cuda:
         raise ConfigError("bwd_graph=True needs CUDA tensors (CUDA graphs); the interpreter runs without it")
     bwd_graph = bool(bwd_graph) if bwd_graph is not None else q.is_cuda
+    segment_walk = stash and (bwd_graph or not persistent)
+    bwd_precision = bwd_precision or precision
+    _check_precision(bwd_precision)
+    if q.is_cuda and (num_warps[1] > 8 or (bwd_precision == "bf16" and not segment_walk)):
+        # both stopped with "CUDA error: an illegal memory access" in the persistent backward on an
+        # H200 with Triton 3.6 (2026-12-01, benchmarks/RESULTS.md), which leaves the CUDA context
+        # unusable; the segment walk with bf16 operands is checked there (kernels_persistent.py)
+        raise ConfigError(
+            f"neural_memory_tiled_triton_train on CUDA does not cover bwd_precision={bwd_precision!r} with "
+            f"{num_warps[1]} backward warps, stash={stash}, bwd_graph={bwd_graph}, persistent={persistent}: "
+            "more than 8 backward warps, and bf16 operands outside the segment walk (stash with bwd_graph or "
+            "persistent=False), failed on the GPU; use at most 8 warps, and the defaults for bf16")
     cfg = _TrainCfg(BH, T, d, hid, spec, chunk_size, n_tiles, max_update_norm, segment_chunks, precision,
                     persistent=persistent, check=check, bwd_tiles=bwd_tiles, num_warps=num_warps, stash=stash,
-                    bwd_graph=bwd_graph, hoist_coeffs=hoist_coeffs, hoist_free=hoist_free)
+                    bwd_graph=bwd_graph, hoist_coeffs=hoist_coeffs, hoist_free=hoist_free, bwd_prec=bwd_precision)
     xs = [t.reshape(BH, T, d).to(f32).contiguous() for t in (q, k, v)]
     gates = [t.reshape(BH, T).to(f32).contiguous() for t in (theta, eta, alpha)]
     st = [t.reshape(BH, *t.shape[2:]).to(f32).contiguous() for t in (W[0], S[0], W[1], S[1])]

@@ -63,6 +63,7 @@ from .triton_kernels import (
     _coeffs,
     _coeffs_bwd,
     _coeffs_bwd_last,
+    _coeffs_last,
     _load_chunk,
     _mm,
 )
@@ -523,14 +524,12 @@ def _bwd_coeff_inputs(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, p_ptr, n_
                       BC: tl.constexpr, D: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr,
                       PREC: tl.constexpr, STASH: tl.constexpr):
     """What phase 4 needs of the forward: the chunk's rows and gates, ``delta2`` (tile ``j``'s
-    stash or R1), the clipped step and the chunk coefficients."""
+    stash or R1) and the clipped step (the callers compute the chunk coefficients from it)."""
     q, k, v, th, et, al, valid, rmask, xoff, goff = _load_chunk(
         q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, bh, T, t0, BC, D)
     delta2 = _bwd_delta2(k, v, p_ptr + bh * NT * BC * D, d2s_ptr, bh, j, rmask, NT, BC, D, RES, STASH)
     thc, nrm, r, kk, dd1, hh, dd2 = _bwd_clip(k, delta2, th, n_ptr + bh * NT * 2 * BC, NT, clip, BC, CLIP)
-    A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(thc, et, al, valid, BC)
-    return (q, k, th, et, al, valid, rmask, xoff, goff, delta2, thc, nrm, r, kk,
-            A, Dm, Pm, C, beta, E, cl, ml)
+    return q, k, th, et, al, valid, rmask, xoff, goff, delta2, thc, nrm, r, kk
 
 
 @triton.jit
@@ -552,9 +551,10 @@ def _bwd_coeffs_pre(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, p_p
     rd = tl.arange(0, D)
     ocd = rc[:, None] * D + rd[None, :]
     occ = rc[:, None] * BC + rc[None, :]
-    (q, k, th, et, al, valid, rmask, xoff, goff, delta2, thc, nrm, r, kk, A, Dm, Pm, C, beta, E, cl,
-     ml) = _bwd_coeff_inputs(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, p_ptr, n_ptr, d2s_ptr, 0, T, t0, NT,
-                             clip, BC, D, RES, CLIP, PREC, True)
+    q, k, th, et, al, valid, rmask, xoff, goff, delta2, thc, nrm, r, kk = _bwd_coeff_inputs(
+        bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, p_ptr, n_ptr, d2s_ptr, 0, T, t0, NT, clip, BC, D, RES, CLIP,
+        PREC, True)
+    A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(thc, et, al, valid, BC)
     QK = _mm(q, tl.trans(k), PREC)
     go = tl.load(go_ptr + xoff, mask=rmask[:, None], other=0.0)
     XH = _sum_tiles(xh_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R3
@@ -607,10 +607,14 @@ def _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
     occ = rc[:, None] * BC + rc[None, :]
     # the per-head coefficient backward first, the tile's hidden activations after it: fewer
     # tensors live at once (this phase spilled most)
-    (q, k, th, et, al, valid, rmask, xoff, goff, delta2, thc, nrm, r, kk, A, Dm, Pm, C, beta, E, cl,
-     ml) = _bwd_coeff_inputs(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, p_ptr, n_ptr, d2s_ptr, j, T, t0, NT,
-                             clip, BC, D, RES, CLIP, PREC, STASH)
-    if not FREE:  # FREE (with HOISTED) needs no q k^T here: its one use comes stashed
+    q, k, th, et, al, valid, rmask, xoff, goff, delta2, thc, nrm, r, kk = _bwd_coeff_inputs(
+        bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, p_ptr, n_ptr, d2s_ptr, j, T, t0, NT, clip, BC, D, RES, CLIP,
+        PREC, STASH)
+    if FREE:  # (with HOISTED) no q k^T and no c x c coefficient matrix here: their uses come stashed
+        A, Dm, pL, beta, E, g, cl, ml, bl, gl, el = _coeffs_last(thc, et, al, valid, BC)
+    else:
+        A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(thc, et, al, valid, BC)
+        pL = tl.sum(tl.where((rc == valid - 1)[:, None], Pm, 0.0), axis=0)  # Pm's last row
         QK = _mm(q, tl.trans(k), PREC)
     gt = gt_ptr + bh * NT * 4 * BC  # R5
     dcl = _sum_tiles(gt + 2 * BC, NT, 4 * BC, rc)
@@ -620,7 +624,7 @@ def _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
     dgl = _sum_tiles(gs + 1, NT, 4, 0)
     d_el = _sum_tiles(gs + 2, NT, 4, 0)
     if HOISTED:
-        dth, det, dal = _coeffs_bwd_last(dcl, dml, dbl, dgl, d_el, thc, et, al, valid, A, Dm, Pm, beta, E, BC)
+        dth, det, dal = _coeffs_bwd_last(dcl, dml, dbl, dgl, d_el, thc, et, al, valid, A, Dm, pL, beta, E, BC)
     else:
         go = tl.load(go_ptr + xoff, mask=rmask[:, None], other=0.0)
         XH = _sum_tiles(xh_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R3
@@ -700,7 +704,10 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
                                                 p_ptr + bh * NT * BC * D, zs_ptr, us_ptr, d2s_ptr,
                                                 bh, j, rmask, NT, BC, D, BF, ACT, RES, PREC, STASH)
     thc, _, _, kk, dd1, hh, dd2 = _bwd_clip(k, delta2, th, n_ptr + bh * NT * 2 * BC, NT, clip, BC, CLIP)
-    A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(thc, et, al, valid, BC)
+    if FREE:  # the c x c coefficient matrix's uses come stashed: only its last row is needed
+        A, Dm, pL, beta, E, g, cl, ml, bl, gl, el = _coeffs_last(thc, et, al, valid, BC)
+    else:
+        A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(thc, et, al, valid, BC)
     ddelta2 = _sum_tiles(dd2_ptr + bh * NT * BC * D, NT, BC * D, ocd)  # R6
     if FREE:
         ddelta2 += tl.load(dd2p_ptr + bh * BC * D + ocd)
