@@ -150,6 +150,16 @@ def _coeffs(th, et, al, valid, BC: tl.constexpr):
 
 
 @triton.jit
+def _coeffs_given(th, et, al, valid, Pm, BC: tl.constexpr):
+    """:func:`_coeffs` with the gate-only product ``Pm = A Dm`` given (computed for every chunk
+    at once, off the serial path, by ``_coeff_products_kernel`` of the tiled kernels)."""
+    A, Dm, beta, E, g, thm, last, ml, bl, gl, el = _decays(th, et, al, valid, BC)
+    C = Pm * thm[None, :]
+    cl = tl.sum(tl.where(last[:, None], C, 0.0), axis=0)
+    return A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el
+
+
+@triton.jit
 def _coeffs_last(th, et, al, valid, BC: tl.constexpr):
     """:func:`_coeffs` for kernels that need no ``c x c`` coefficient matrix ``C`` (``Pm * theta``),
     only its last row: ``pL`` (row ``valid - 1`` of ``Pm = A Dm``, a vector-matrix product)

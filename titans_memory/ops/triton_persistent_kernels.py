@@ -41,7 +41,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _act, _act_d, _clip_scale, _coeffs, _load_chunk, _mm
+from .triton_kernels import _act, _act_d, _clip_scale, _coeffs_given, _coeffs_last, _load_chunk, _mm
 from .triton_tiled_kernels import (
     _bwd_coeffs,
     _bwd_keys,
@@ -49,6 +49,7 @@ from .triton_tiled_kernels import (
     _bwd_retrieval,
     _bwd_rows,
     _bwd_state,
+    _chunk_products,
     _phase_output,
     _sum_tiles,
     _tile_offsets,
@@ -92,7 +93,7 @@ def _fwd_persistent_kernel(
     w1_ptr, s1_ptr, w2_ptr, s2_ptr,
     fw1_ptr, fs1_ptr, fw2_ptr, fs2_ptr,
     cw1_ptr, cs1_ptr, cw2_ptr, cs2_ptr,
-    p_ptr, n_ptr, op_ptr, o_ptr, cnt_ptr, err_ptr,
+    p_ptr, n_ptr, op_ptr, o_ptr, pm_ptr, cnt_ptr, err_ptr,
     BH, T, c0, c1, save_every, n_hp, NT, clip,
     BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
     ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, OUT: tl.constexpr, SAVE: tl.constexpr,
@@ -103,7 +104,9 @@ def _fwd_persistent_kernel(
     State: read from ``w1, s1, w2, s2`` (``[BH, D, F]`` / ``[BH, F, D]``), the state after chunk
     ``c1 - 1`` written to ``fw1 ..`` (may alias). SAVE: the state at the start of chunk ``n`` goes
     to slot ``(n - c0) / save_every`` of ``cw1 ..`` (slot stride ``BH D F``) when
-    ``(n - c0) % save_every == 0``. OUT: the retrieval into ``o`` ``[BH, T, D]``. Scratch: ``P,
+    ``(n - c0) % save_every == 0``. OUT: the retrieval into ``o`` ``[BH, T, D]``, with the chunks'
+    gate-only products ``A Dm`` from ``PM`` (``_coeff_products_kernel``); without OUT (the
+    recompute) only the last row of the coefficients is needed, and no ``c x c`` matmul runs. Scratch: ``P,
     O`` ``[BH, 2, NT, BC, D]``, ``N`` ``[BH, 2, NT, 2, BC]``; ``cnt`` ``[BH]`` zeros."""
     j = tl.program_id(0)
     hp = tl.program_id(1)
@@ -152,7 +155,11 @@ def _fwd_persistent_kernel(
                 a2 = _sum_tiles(n_head + BC, NT, 2 * BC, rc)
                 sc, _, _ = _clip_scale(tl.sum(k * k, axis=1) * b1 + tl.sum(delta2 * delta2, axis=1) * a2, clip)
                 th = th * sc
-            A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(th, et, al, valid, BC)
+            if OUT:
+                A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs_given(
+                    th, et, al, valid, _chunk_products(pm_ptr, bh, T, t0, BC), BC)
+            else:  # the state update reads only the last row of C
+                A, Dm, pL, beta, E, g, cl, ml, bl, gl, el = _coeffs_last(th, et, al, valid, BC)
             if OUT:  # the tile's partial retrieval (dual form through its hidden units)
                 a1 = (beta[:, None] * _mm(q, w1, PREC) + g[:, None] * _mm(q, s1, PREC)
                       - _mm(_mm(q, tl.trans(k), PREC) * C, delta1, PREC))

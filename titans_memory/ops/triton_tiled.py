@@ -38,6 +38,7 @@ from .triton_tiled_kernels import (
     SEG_RETRIEVAL,
     SEG_STATE,
     _bwd_rows_kernel,
+    _coeff_products_kernel,
     _bwd_segment_kernel,
     _keys_kernel,
     _norms_kernel,
@@ -180,12 +181,28 @@ def check_barriers(err: Tensor) -> None:
         raise BarrierTimeout(f"{n} head barrier(s) of the persistent memory kernels timed out")
 
 
+def coefficient_products(gates, BC: int) -> Tensor:
+    """``[BH, n_chunks, BC, BC]``: every chunk's gate-only ``c x c`` product ``A Dm`` (fp32), one
+    program per head and chunk (``_coeff_products_kernel``), for the kernels that would otherwise
+    compute it inside their serial chunk loops. ``gates = (theta, eta, alpha)`` ``[BH, T]``."""
+    _, et, al = gates
+    BH, T = et.shape
+    nc = -(-T // BC)
+    pm = torch.empty(BH, nc, BC, BC, device=et.device, dtype=torch.float32)
+    if nc:
+        # 8 warps: with 4, ptxas spills most of the fp32 FMA matmul (Triton 3.6 compile report)
+        _coeff_products_kernel[(BH, nc)](et, al, pm, T, BC=BC, num_warps=8, num_stages=1)
+    return pm
+
+
 def _forward_persistent(xs, gates, st_in, st_out, out, c0, c1, spec, max_update_norm, NT, BC, err,
-                        save=None, prec=PREC, num_warps=8, sync=True):
+                        save=None, prec=PREC, num_warps=8, sync=True, pm=None):
     """Chunks ``c0 .. c1 - 1`` in one persistent launch: state from ``st_in`` (``(w1, s1, w2, s2)``)
     to ``st_out`` (may be the same tensors); ``out`` receives the outputs (``None``: not
     computed); ``save = (slots, every)`` stores the state at every ``every``-th chunk start into
-    ``slots`` (four ``[n, BH, ..]`` tensors). Barrier failures are counted in ``err``."""
+    ``slots`` (four ``[n, BH, ..]`` tensors). Barrier failures are counted in ``err``. ``pm``:
+    :func:`coefficient_products` of ``gates`` (computed here when ``out`` is given and it is not;
+    without ``out`` it is not needed)."""
     BH, T, d = xs[0].shape
     hid = st_in[0].shape[-1]
     if c1 <= c0:
@@ -199,11 +216,14 @@ def _forward_persistent(xs, gates, st_in, st_out, out, c0, c1, spec, max_update_
     n_scr = torch.empty(BH, 2, NT, 2, BC, device=dev, dtype=f32) if CLIP else p_scr
     OUT = out is not None
     o_scr = torch.empty(BH, 2, NT, BC, d, device=dev, dtype=f32) if OUT else p_scr
+    if OUT and pm is None:
+        pm = coefficient_products(gates, BC)
     cnt = torch.zeros(BH, device=dev, dtype=torch.int32)
     slots, every = save if save is not None else (st_in, 1)
     n_hp = head_programs(BH, NT, dev)
     _fwd_persistent_kernel[(NT, n_hp)](
-        *xs, *gates, *st_in, *st_out, *slots, p_scr, n_scr, o_scr, out if OUT else p_scr, cnt, err,
+        *xs, *gates, *st_in, *st_out, *slots, p_scr, n_scr, o_scr, out if OUT else p_scr, pm if OUT else p_scr, cnt,
+        err,
         BH, T, c0, c1, every, n_hp, NT, float(max_update_norm) if CLIP else 1.0,
         BC=BC, D=d, F=hid, BF=hid // NT, ACT=spec.activation, RES=bool(spec.residual), CLIP=CLIP, OUT=OUT,
         SAVE=save is not None, PREC=prec, SYNC=sync, num_warps=num_warps, num_stages=1,
@@ -370,7 +390,7 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
                *(scr[name] for name in ("P", "N", "XH", "DN1", "GT", "DQ", "DK", "X1", "DA1", "ZS", "US", "D2S",
                                         "HDP")),
                *((scr["DF1"], scr["DH1F"], scr["DD2P"]) if cfg.hoist_free else (scr["HDP"],) * 3),
-               *(scr[name] for name in ("GS", "DD2", "DDL1", "HD")), BH, cfg.T, c0)
+               *(scr[name] for name in ("GS", "DD2", "DDL1", "HD", "PM")), BH, cfg.T, c0)
         meta["FREE"] = cfg.hoist_free
         for ph in (SEG_KEYS, SEG_NORMS, SEG_RETRIEVAL):
             _bwd_segment_kernel[(NT, BH, nc)](*seg, 0, NT, cfg.clip, PHASE=ph, **meta)
@@ -491,6 +511,8 @@ def _backward_body(cfg: _TrainCfg, xs, gates, go, ck, adj, per_phase: bool = Fal
     err = torch.zeros(1, device=qf.device, dtype=torch.int32)
     segmented = _uses_segment_walk(cfg, per_phase)
     scr = _backward_scratch(cfg, qf.device, segmented)
+    if segmented:  # the chunks' gate-only c x c products, read by phase 3 and the coefficient pre-pass
+        scr["PM"] = coefficient_products(gates, cfg.BC)
     starts = [torch.empty(min(cfg.K, cfg.n_chunks), *c.shape[1:], device=c.device, dtype=c.dtype) for c in ck]
     for s in range(cfg.n_seg - 1, -1, -1):
         c0 = s * cfg.K

@@ -63,7 +63,9 @@ from .triton_kernels import (
     _coeffs,
     _coeffs_bwd,
     _coeffs_bwd_last,
+    _coeffs_given,
     _coeffs_last,
+    _decays,
     _load_chunk,
     _mm,
 )
@@ -78,6 +80,34 @@ PRECISIONS = ("tf32", "ieee", "bf16")
 
 # ---------------------------------------------------------------------------------------------
 # phase functions (called by the kernels below; a persistent kernel would call them too)
+@triton.jit
+def _coeff_products_kernel(et_ptr, al_ptr, pm_ptr, T, BC: tl.constexpr):
+    """``Pm = A Dm`` (``c x c``, fp32 FMA) of chunk ``program_id(1)`` of head ``program_id(0)``
+    into ``PM`` ``[BH, n_chunks, BC, BC]``. It depends on the gates ``eta, alpha`` only, so it is
+    computed for all chunks at once rather than inside the serial chunk loops, where this one
+    fp32 matmul took a large part of a chunk's time (benchmarks/RESULTS.md, 2026-12-02)."""
+    bh = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1)
+    rc = tl.arange(0, BC)
+    t0 = n * BC
+    valid = tl.minimum(T - t0, BC)
+    rmask = rc < valid
+    et = tl.load(et_ptr + bh * T + t0 + rc, mask=rmask, other=1.0)
+    al = tl.load(al_ptr + bh * T + t0 + rc, mask=rmask, other=0.0)
+    A, Dm, beta, E, g, thm, last, ml, bl, gl, el = _decays(tl.zeros([BC], dtype=tl.float32), et, al, valid, BC)
+    n_chunks = (T + BC - 1) // BC
+    tl.store(pm_ptr + (bh * n_chunks + n) * BC * BC + rc[:, None] * BC + rc[None, :],
+             tl.dot(A, Dm, input_precision="ieee"))
+
+
+@triton.jit
+def _chunk_products(pm_ptr, bh, T, t0, BC: tl.constexpr):
+    """The ``Pm`` of the chunk starting at ``t0`` from ``_coeff_products_kernel``'s buffer."""
+    rc = tl.arange(0, BC)
+    n_chunks = (T + BC - 1) // BC
+    return tl.load(pm_ptr + (bh * n_chunks + t0 // BC) * BC * BC + rc[:, None] * BC + rc[None, :])
+
+
 @triton.jit
 def _rows(ptr, bh, T, t0, BC: tl.constexpr, D: tl.constexpr):
     """Rows ``t0 .. t0 + BC - 1`` of head ``bh`` of a ``[BH, T, D]`` tensor (zero past ``T``)."""
@@ -467,7 +497,7 @@ def _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
                    df1_ptr, dh1f_ptr, T, t0, NT, clip,
                    BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
                    ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-                   STASH: tl.constexpr, FREE: tl.constexpr = False):
+                   STASH: tl.constexpr, FREE: tl.constexpr = False, pm_ptr=None):
     """Phase 3. Recompute, then the retrieval backward of the tile: partials of R3
     (``x1_j h1_j^T``), R4 (``-da1_j delta1_j^T``), the per-token R5 terms ``dbeta, dg`` and R7
     (``dq``); stash ``x1_j``, ``da1_j``. ``FREE``: also stash the tile's adjoint-free terms of
@@ -488,7 +518,11 @@ def _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
     delta2, z1, h1, sd1, u, delta1 = _bwd_fetch(k, v, w1, w2, p_ptr + bh * NT * BC * D, zs_ptr, us_ptr, d2s_ptr,
                                                 bh, j, rmask, NT, BC, D, BF, ACT, RES, PREC, STASH)
     thc, _, _, _, _, _, _ = _bwd_clip(k, delta2, th, n_ptr + bh * NT * 2 * BC, NT, clip, BC, CLIP)
-    A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(thc, et, al, valid, BC)
+    if pm_ptr is None:
+        A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(thc, et, al, valid, BC)
+    else:
+        A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs_given(thc, et, al, valid,
+                                                                     _chunk_products(pm_ptr, bh, T, t0, BC), BC)
     qW1 = _mm(q, w1, PREC)
     qS1 = _mm(q, s1, PREC)
     QKC = _mm(q, tl.trans(k), PREC) * C
@@ -534,8 +568,8 @@ def _bwd_coeff_inputs(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, p_ptr, n_
 
 @triton.jit
 def _bwd_coeffs_pre(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, p_ptr, n_ptr, xh_ptr, dn1_ptr,
-                    gt_ptr, dqs_ptr, hdp_ptr, dth_ptr, det_ptr, dal_ptr, d2s_ptr, dd2p_ptr, dks_ptr, T, t0, NT, clip,
-                    BC: tl.constexpr, D: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr,
+                    gt_ptr, dqs_ptr, hdp_ptr, dth_ptr, det_ptr, dal_ptr, d2s_ptr, dd2p_ptr, dks_ptr, pm_ptr, T, t0, NT,
+                    clip, BC: tl.constexpr, D: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr,
                     PREC: tl.constexpr, FREE: tl.constexpr = False):
     """The adjoint-free part of phase 4's per-head coefficient backward (one program per head and
     chunk; the segment walk runs it for all chunks of a segment before walking them): sums R3,
@@ -554,7 +588,8 @@ def _bwd_coeffs_pre(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, p_p
     q, k, th, et, al, valid, rmask, xoff, goff, delta2, thc, nrm, r, kk = _bwd_coeff_inputs(
         bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, p_ptr, n_ptr, d2s_ptr, 0, T, t0, NT, clip, BC, D, RES, CLIP,
         PREC, True)
-    A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(thc, et, al, valid, BC)
+    A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs_given(thc, et, al, valid,
+                                                                 _chunk_products(pm_ptr, bh, T, t0, BC), BC)
     QK = _mm(q, tl.trans(k), PREC)
     go = tl.load(go_ptr + xoff, mask=rmask[:, None], other=0.0)
     XH = _sum_tiles(xh_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R3
@@ -799,7 +834,7 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
                         w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
                         p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, dqs_ptr, dks_ptr, x1_ptr, da1_ptr,
                         zs_ptr, us_ptr, d2s_ptr, hdp_ptr, df1_ptr, dh1f_ptr, dd2p_ptr, gs_ptr, dd2_ptr, ddl1_ptr,
-                        hd_ptr, BH, T, c0, s_walk, NT, clip,
+                        hd_ptr, pm_ptr, BH, T, c0, s_walk, NT, clip,
                         BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
                         ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
                         PHASE: tl.constexpr, FREE: tl.constexpr = False):
@@ -812,7 +847,9 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
     (slot stride ``BH D F``); the adjoint ``aw1 ..`` is updated in place by ``SEG_STATE``.
     ``FREE`` (with the hoisted phases): phases 3 and ``SEG_COEFFS_PRE`` also stash the
     adjoint-free terms of phases 4 and 5 (``DF1, DH1F, DD2P`` and the per-head ``dk`` slot), which
-    the walk then reads instead of computing them."""
+    the walk then reads instead of computing them. ``PM``: every chunk's gate-only ``c x c``
+    product ``A Dm`` (``_coeff_products_kernel``), which phases 3 and ``SEG_COEFFS_PRE`` read
+    instead of computing it."""
     j = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     if PHASE <= 3 or PHASE == 7:  # SEG_KEYS .. SEG_RETRIEVAL, SEG_COEFFS_PRE: over the chunks
@@ -864,10 +901,11 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
     elif PHASE == 3:  # SEG_RETRIEVAL
         _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, w1, s1, w2, s2,
                        p, n, xh, dn1, gt, dqs, x1, da1, zs, us, d2s, df1, dh1f, T, t0, NT, clip,
-                       BC, D, F, BF, ACT, RES, CLIP, PREC, True, FREE)
+                       BC, D, F, BF, ACT, RES, CLIP, PREC, True, FREE, pm_ptr)
     elif PHASE == 7:  # SEG_COEFFS_PRE
         _bwd_coeffs_pre(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, p, n, xh, dn1, gt, dqs, hdp,
-                        dth_ptr, det_ptr, dal_ptr, d2s, dd2p, dks, T, t0, NT, clip, BC, D, RES, CLIP, PREC, FREE)
+                        dth_ptr, det_ptr, dal_ptr, d2s, dd2p, dks, pm_ptr, T, t0, NT, clip, BC, D, RES, CLIP, PREC,
+                        FREE)
     elif PHASE == 5 or PHASE == 8:  # SEG_COEFFS, SEG_COEFFS_WALK
         _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, w1, w2,
                     aw1_ptr, as1_ptr, aw2_ptr, as2_ptr, p, n, xh, dn1, gt, gs_ptr, dqs, da1, ddl1_ptr, dd2_ptr,
