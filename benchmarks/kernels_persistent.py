@@ -164,7 +164,7 @@ def check(variants, T=1008, full=True) -> bool:
     return ok
 
 
-def check_shapes() -> bool:
+def check_shapes(shapes=SHAPES) -> bool:
     """The persistent kernels with their default configuration (what ``impl="auto"`` runs) against
     the chunked form in fp64 at the head shapes ``impl="auto"`` sends to them: the forward without
     gradients, and forward + backward (outputs, final state, all ten gradients; the backward
@@ -174,7 +174,7 @@ def check_shapes() -> bool:
     ok = True
     print("\n| head shape (head dim, expansion, chunk, tiles) | tol | inference max rel err | training max rel err | pass |")
     print("|---|---|---|---|---|")
-    for d, E, c in SHAPES:
+    for d, E, c in shapes:
         n = default_n_tiles(E * d)
         try:
             args, W, S = _inputs(2, 4, 1000, d, 2, E, torch.device("cuda"), seed=d + E)
@@ -375,6 +375,9 @@ def main() -> int:
     p.add_argument("--variants-only", action="store_true",
                    help="check only the variants, not the layer and the default configuration's head shapes")
     p.add_argument("--diag-variant", default=None, help="JSON variant for --diag-bwd (its graph backward only)")
+    p.add_argument("--shapes-only", default=None,
+                   help="JSON list of (head_dim, expansion, chunk): only the default-configuration check at those "
+                        "shapes (run several processes at once to compile them in parallel)")
     p.add_argument("--ncu-one", default=None, choices=("fwd", "train"), help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "kernels_persistent.json")
     a = p.parse_args()
@@ -387,6 +390,11 @@ def main() -> int:
     if a.ncu_one:
         ncu_one(a.ncu_one)
         return 0
+    if a.shapes_only:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        ok = check_shapes([tuple(s) for s in json.loads(a.shapes_only)])
+        print("shape check:", "PASS" if ok else "FAIL")
+        return 0 if ok else 1
     if a.diag or a.diag_bwd:
         torch.backends.cuda.matmul.allow_tf32 = True
         diag() if a.diag else diag_bwd(variant=tuple(json.loads(a.diag_variant)) if a.diag_variant else None)

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Diagnosis of a GPU failure, for ``compute-sanitizer --tool memcheck``: one small forward +
 backward of the persistent tiled kernels with a configuration the driver refuses on CUDA (bf16
-operands, or more than 8 backward warps, both of which stopped with "illegal memory access" on
-an H200), built from the driver's parts so the refusal is bypassed. Out-of-bounds accesses by
+operands in the persistent backward, or more than 8 backward warps, both of which stopped with
+"illegal memory access" on an H200; bf16 in the segment walk, the default backward, ran clean
+there on 2026-12-02), built from the driver's parts so the refusal is bypassed. Out-of-bounds accesses by
 our index arithmetic show up in the sanitizer's report with the kernel's name; none there points
 at the compiler.
 
