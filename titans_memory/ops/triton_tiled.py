@@ -38,8 +38,8 @@ from .triton_tiled_kernels import (
     SEG_RETRIEVAL,
     SEG_STATE,
     _bwd_rows_kernel,
-    _coeff_products_kernel,
     _bwd_segment_kernel,
+    _coeff_products_kernel,
     _keys_kernel,
     _norms_kernel,
     _output_kernel,
@@ -652,7 +652,8 @@ def neural_memory_tiled_triton_train(
     configuration in a CUDA graph and replayed (``GRAPH_CACHE_SIZE`` graphs kept, each with its
     own buffers; captured at a configuration's second backward; the first runs the same walk
     eagerly, as does a configuration whose graph was evicted or failed to capture;
-    ``clear_backward_graphs()`` frees them). ``hoist_coeffs`` (the segment walk only, default on): the part of phase 4's per-head
+    ``clear_backward_graphs()`` frees them). ``hoist_coeffs`` (the segment walk only, default
+    on): the part of phase 4's per-head
     coefficient and clip backward that does not depend on the state adjoint (the cotangents from
     the retrieval) runs for all chunks of a segment in one launch before the walk
     (``_bwd_coeffs_pre``), leaving the walk the last-row part, which needs no matmul.
