@@ -173,7 +173,13 @@ def _coeffs_last(th, et, al, valid, BC: tl.constexpr):
 
 @triton.jit
 def _coeffs_bwd(dC, dbeta, dg, dcl, dml, dbl, dgl, d_el, th, et, al, valid, A, Dm, Pm, beta, E, BC: tl.constexpr):
-    """Gradients of the gates from the gradients of the chunk coefficients."""
+    """Gradients of the gates from the gradients of the chunk coefficients.
+
+    Through ``Pm = A Dm`` the cotangents are ``dA = dP Dm^T`` and ``dDm = A^T dP`` (``dP = dC *
+    theta``), but only the row and column sums of ``dA * A`` and ``dDm * Dm`` are needed, and
+    three of those four need no matmul: ``rowsum(dP Dm^T * A) = rowsum(dP * Pm)``,
+    ``colsum(A^T dP * Dm) = colsum(dP * Pm)``, and ``colsum(dP Dm^T * A) = rowsum(A^T dP * Dm)``
+    (both ``sum_{i,j} A[i, l] dP[i, j] Dm[l, j]``). So one ``c x c`` matmul remains, not two."""
     rows = tl.arange(0, BC)
     inb = rows < valid
     last = rows == (valid - 1)
@@ -185,14 +191,13 @@ def _coeffs_bwd(dC, dbeta, dg, dcl, dml, dbl, dgl, d_el, th, et, al, valid, A, D
     dlast = tl.sum(tl.where(last[:, None], Dm, 0.0), axis=0)
     dth = tl.sum(dC * Pm, axis=0) + dml * dlast
     dP = dC * thm[None, :]
-    dDm = tl.where(last[:, None], (dml * thm)[None, :], 0.0)
-    dA = tl.dot(dP, tl.trans(Dm), input_precision="ieee") + dg[:, None] * E[None, :]
-    dDm = dDm + tl.dot(tl.trans(A), dP, input_precision="ieee")
+    Q = dP * Pm
+    w = tl.sum(tl.dot(dP, tl.trans(Dm), input_precision="ieee") * A, axis=0)
+    G = (dg[:, None] * E[None, :]) * A  # the rest of dA * A
+    R = tl.where(last[:, None], (dml * thm)[None, :], 0.0) * Dm  # the rest of dDm * Dm
     dE = dE + tl.sum(A * dg[:, None], axis=0)
-    dAA = dA * A
-    dDD = dDm * Dm
-    dck = dbeta * beta + tl.sum(dAA, axis=1) - tl.sum(dAA, axis=0)
-    dce = dE * E + tl.sum(dDD, axis=1) - tl.sum(dDD, axis=0)
+    dck = dbeta * beta + tl.sum(Q, axis=1) + tl.sum(G, axis=1) - w - tl.sum(G, axis=0)
+    dce = dE * E + w + tl.sum(R, axis=1) - tl.sum(Q, axis=0) - tl.sum(R, axis=0)
     det, dal = _gates_from_log_grads(dck, dce, et, al, inb, BC)
     return dth, det, dal
 
