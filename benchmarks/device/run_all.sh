@@ -8,6 +8,8 @@
 # 2026-12-01 the check stage also checks the persistent tiled kernels (impl="auto" for depth 2;
 # about 1.5 min more on an H200, not yet timed as part of this stage); stage "persistent"
 # (kernels_persistent.py and the layer rows of the Triton kernels) took 4-5 min on an H200.
+# Stages "graphpaths" (75 s on an H200, one GPU) and "shapes" (four shapes in 27 s there,
+# 2026-12-02) check the tiled kernels' other paths and head shapes.
 set -uo pipefail
 C=.carry/device
 export PYTHONUNBUFFERED=1 TITANS_DATA_DIR=$PWD/$C/data
@@ -33,6 +35,16 @@ for s in $STAGES; do
               timeout 270 python3 benchmarks/kernels.py --out-csv benchmarks/results/kernels_h200_tiled.csv \
                 --impls ${PERSISTENT_IMPLS:-ours_triton,ours_triton_fused} 2>&1 | tee "$OUT/kernels_h200.log" ;;
     diagbwd)  timeout 150 python3 benchmarks/kernels_persistent.py --diag-bwd 2>&1 | tee "$OUT/diag_bwd.log" ;;
+    graphpaths) # the CUDA-graph backward's eager, eviction and capture-failure paths, and the DDP check on >= 2 GPUs
+              timeout 240 python3 benchmarks/device/graph_paths_check.py 2>&1 | tee "$OUT/graph_paths.log"
+              if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+                timeout 150 torchrun --nproc_per_node 2 benchmarks/device/ddp_graph_check.py 2>&1 | tee "$OUT/ddp_graph.log"
+              fi ;;
+    shapes)   # the default configuration at every head shape impl="auto" sends to the tiled kernels, in parallel
+              for s in '[[64,4,64]]' '[[64,2,64]]' '[[32,2,32]]' '[[32,4,32]]' '[[16,4,16]]'; do
+                timeout 240 python3 benchmarks/kernels_persistent.py --shapes-only "$s" > "$OUT/shape_$(echo "$s" | tr -dc 0-9).log" 2>&1 &
+              done
+              wait; cat "$OUT"/shape_*.log | tee "$OUT/shapes.log" ;;
     tiled)    timeout 500 python3 benchmarks/kernels.py --tiled --lengths 2048,8192,32768 2>&1 | tee "$OUT/tiled.log" ;;
     distributed) # DDP over every GPU (and devices=1); Optuna workers one per GPU, at least 2 (sharing a GPU if 1)
               n=$(python3 -c 'import torch; print(torch.cuda.device_count())')
