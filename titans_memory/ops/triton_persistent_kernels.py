@@ -155,12 +155,11 @@ def _fwd_persistent_kernel(
                 a2 = _sum_tiles(n_head + BC, NT, 2 * BC, rc)
                 sc, _, _ = _clip_scale(tl.sum(k * k, axis=1) * b1 + tl.sum(delta2 * delta2, axis=1) * a2, clip)
                 th = th * sc
-            if OUT:
+            if not OUT:  # the recompute: the state update reads only the last row of C
+                A, Dm, pL, beta, E, g, cl, ml, bl, gl, el = _coeffs_last(th, et, al, valid, BC)
+            else:  # the tile's partial retrieval (dual form through its hidden units)
                 A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs_given(
                     th, et, al, valid, _chunk_products(pm_ptr, bh, T, t0, BC), BC)
-            else:  # the state update reads only the last row of C
-                A, Dm, pL, beta, E, g, cl, ml, bl, gl, el = _coeffs_last(th, et, al, valid, BC)
-            if OUT:  # the tile's partial retrieval (dual form through its hidden units)
                 a1 = (beta[:, None] * _mm(q, w1, PREC) + g[:, None] * _mm(q, s1, PREC)
                       - _mm(_mm(q, tl.trans(k), PREC) * C, delta1, PREC))
                 x1 = _act(a1, ACT)

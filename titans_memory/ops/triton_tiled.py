@@ -709,9 +709,13 @@ def neural_memory_tiled_triton_train(
     if bwd_graph and not q.is_cuda:
         raise ConfigError("bwd_graph=True needs CUDA tensors (CUDA graphs); the interpreter runs without it")
     bwd_graph = bool(bwd_graph) if bwd_graph is not None else q.is_cuda
-    segment_walk = stash and (bwd_graph or not persistent)
     bwd_precision = bwd_precision or precision
     _check_precision(bwd_precision)
+    cfg = _TrainCfg(BH, T, d, hid, spec, chunk_size, n_tiles, max_update_norm, segment_chunks, precision,
+                    persistent=persistent, check=check, bwd_tiles=bwd_tiles, num_warps=num_warps, stash=stash,
+                    bwd_graph=bwd_graph, hoist_coeffs=hoist_coeffs, hoist_free=hoist_free, bwd_prec=bwd_precision)
+    # the walk the backward runs (the graph's and the eager fallback's alike, see TiledTritonMemory)
+    segment_walk = _uses_segment_walk(cfg, cfg.bwd_graph)
     if q.is_cuda and (num_warps[1] > 8 or (bwd_precision == "bf16" and not segment_walk)):
         # both stopped with "CUDA error: an illegal memory access" in the persistent backward on an
         # H200 with Triton 3.6 (2026-12-01, benchmarks/RESULTS.md), which leaves the CUDA context
@@ -721,9 +725,6 @@ def neural_memory_tiled_triton_train(
             f"{num_warps[1]} backward warps, stash={stash}, bwd_graph={bwd_graph}, persistent={persistent}: "
             "more than 8 backward warps, and bf16 operands outside the segment walk (stash with bwd_graph or "
             "persistent=False), failed on the GPU; use at most 8 warps, and the defaults for bf16")
-    cfg = _TrainCfg(BH, T, d, hid, spec, chunk_size, n_tiles, max_update_norm, segment_chunks, precision,
-                    persistent=persistent, check=check, bwd_tiles=bwd_tiles, num_warps=num_warps, stash=stash,
-                    bwd_graph=bwd_graph, hoist_coeffs=hoist_coeffs, hoist_free=hoist_free, bwd_prec=bwd_precision)
     xs = [t.reshape(BH, T, d).to(f32).contiguous() for t in (q, k, v)]
     gates = [t.reshape(BH, T).to(f32).contiguous() for t in (theta, eta, alpha)]
     st = [t.reshape(BH, *t.shape[2:]).to(f32).contiguous() for t in (W[0], S[0], W[1], S[1])]
