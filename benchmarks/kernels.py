@@ -767,6 +767,8 @@ def run_profile(impls, lengths, top: int = 14) -> None:
     """Where one step's GPU time goes, per impl and length: wall time of the step (CUDA events),
     the summed GPU time of its kernels and the idle rest, and the kernels by total time."""
     dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True  # as in run_bench: the layer's projections in tf32
+    torch.backends.cudnn.allow_tf32 = True
     for impl in impls:
         setup = _make(impl, dev)
         for T in lengths:

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .ops.qkv_prep import causal_depthwise_conv
+
 
 class CausalDepthwiseConv1d(nn.Module):
     """Depthwise 1-D convolution that only looks back: output ``t`` sees inputs ``t-K+1 .. t``.
@@ -27,12 +29,7 @@ class CausalDepthwiseConv1d(nn.Module):
 
     def forward(self, x: Tensor, cache: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """``x``: ``[B, T, C]``; ``cache``: ``[B, K-1, C]`` or None. Returns ``(y [B, T, C], new_cache)``."""
-        k = self.kernel_size
-        if cache is None:
-            cache = x.new_zeros(x.shape[0], k - 1, x.shape[2])
-        padded = torch.cat([cache.to(x.dtype), x], dim=1)
-        y = F.conv1d(padded.transpose(1, 2), self.weight.to(x.dtype), self.bias.to(x.dtype), groups=x.shape[2])
-        return y.transpose(1, 2), padded[:, padded.shape[1] - (k - 1) :]
+        return causal_depthwise_conv(x, self.weight, self.bias, cache)
 
 
 class FeedForward(nn.Module):

@@ -6,13 +6,15 @@ import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MemoryConfig
 from .errors import ShapeError
 from .layers import CausalDepthwiseConv1d
 from .ops import MemoryMLPSpec, layer_shapes, memory_apply, neural_memory
+from .ops.fused import interpret_mode
+from .ops.output_gate import output_norm_gate
+from .ops.qkv_prep import qkv_prep, stream_reference
 from .state import MemoryState
 
 _GATES = ("theta", "eta", "alpha")
@@ -84,22 +86,39 @@ class NeuralMemory(nn.Module):
             weights = [w.to(device) for w in weights]
         return MemoryState(weights=weights, momentum=[torch.zeros_like(w) for w in weights])
 
-    def _heads(self, t: Tensor) -> Tensor:
-        b, n, _ = t.shape
-        return t.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+    def _io_impl(self, t: Tensor) -> str:
+        """``impl`` of the fused input/output kernels (:func:`~titans_memory.ops.qkv_prep.qkv_prep`,
+        :func:`~titans_memory.ops.output_gate.output_norm_gate`): PyTorch with the PyTorch memory
+        operators, else the kernels on CUDA (where they cover the inputs), and under the Triton
+        interpreter on the CPU with an explicit Triton operator (the CI tests)."""
+        if self.impl in ("torch", "naive", "checkpointed"):
+            return "torch"
+        if self.impl == "auto" or t.is_cuda or not interpret_mode():
+            return "auto"
+        return "triton"
 
     def _project(self, x: Tensor, conv_cache: Dict[str, Tensor], streams: str, prefix: str) -> Dict[str, Tensor]:
         """q/k/v of ``x`` for the named streams, as ``[B, H, T, d]`` fp32; updates ``conv_cache``."""
-        parts = dict(zip("qkv", self.qkv(x).chunk(3, dim=-1)))
+        p = self.qkv(x)
+        names = [prefix + name for name in "qkv"]
+        if streams == "qkv":  # all three: one fused pass (conv, silu, l2 norm, head layout)
+            convs = [(self.conv[n].weight, self.conv[n].bias) for n in "qkv"] if self.use_conv else None
+            caches = [conv_cache.get(n) for n in names]
+            impl = self._io_impl(p)
+            if impl == "triton" and torch.is_grad_enabled() and any(c is not None and c.requires_grad for c in caches):
+                impl = "torch"  # the kernels give no gradient to a carried cache ("auto" does the same)
+            outs, caches = qkv_prep(p, convs, caches, self.n_heads, state_dtype(p.dtype), impl=impl)
+            if self.use_conv:
+                conv_cache.update(zip(names, caches))
+            return dict(zip("qkv", outs))
+        parts = dict(zip("qkv", p.chunk(3, dim=-1)))
         out = {}
         for name in streams:
-            t = parts[name]
+            conv = (self.conv[name].weight, self.conv[name].bias) if self.use_conv else None
+            out[name], cache = stream_reference(parts[name], conv, conv_cache.get(prefix + name), self.n_heads,
+                                                name in "qk", state_dtype(p.dtype))
             if self.use_conv:
-                t, conv_cache[prefix + name] = self.conv[name](t, conv_cache.get(prefix + name))
-            t = self._heads(F.silu(t)).to(state_dtype(t.dtype))
-            if name in "qk":
-                t = F.normalize(t, dim=-1, eps=1e-6)
-            out[name] = t
+                conv_cache[prefix + name] = cache
         return out
 
     def _gates(self, x: Tensor) -> Dict[str, Tensor]:
@@ -111,9 +130,10 @@ class NeuralMemory(nn.Module):
         }
 
     def _output(self, o: Tensor, x: Tensor) -> Tensor:
-        b, _, n, _ = o.shape
-        o = self.out_norm(o.to(self.out_norm.weight.dtype)).transpose(1, 2).reshape(b, n, -1).to(x.dtype)
-        return self.out_proj(o * torch.sigmoid(self.out_gate(x)))
+        """``out_proj(RMSNorm(o) * sigmoid(x W_G))`` with the heads merged (one fused pass on CUDA)."""
+        z = output_norm_gate(o.to(self.out_norm.weight.dtype), self.out_norm.weight, self.out_norm.eps,
+                             self.out_gate(x), x.dtype, impl=self._io_impl(o))
+        return self.out_proj(z)
 
     def _run(self, q, k, v, gates, weights, momentum):
         return neural_memory(

@@ -22,14 +22,18 @@ memory-light checkpointed variant and the fused Triton kernels.
                hidden units over several programs (tiles of ``min(64, H / 2)`` units), on CUDA
                as persistent kernels with per-head
                barriers (:mod:`titans_memory.ops.triton_persistent_kernels`); depth 2 only;
-               checked on an H200 and the fastest there (layer fwd+bwd at 8k 0.82 vs
-               0.31 M tok/s, streaming 3.1 vs 1.6); chosen by ``"auto"``
+               checked on an H200 and the fastest there (layer fwd+bwd at 8k 0.87 vs
+               0.31 M tok/s, streaming 2.8-3.0 vs 1.6); chosen by ``"auto"``
 ============== =============================================================================
 
 :mod:`titans_memory.ops.tiled` (not dispatched) is the chunked form with a head's state split over
 tiles and the cross-tile reductions explicit: the specification of a multi-program kernel.
 :mod:`titans_memory.ops.triton_tiled` (``impl="triton_tiled"``) runs it, forward and backward, as
 Triton kernels with several programs per head.
+
+The layer's input and output sides have their own fused kernels, used where the memory runs
+Triton on CUDA: :mod:`titans_memory.ops.qkv_prep` (causal depthwise convolution, SiLU, l2 norm,
+head layout) and :mod:`titans_memory.ops.output_gate` (RMSNorm, heads merged, gate).
 
 ``kernel_precision`` chooses the matmul operands of the Triton kernels (state and accumulation
 stay fp32; the PyTorch paths follow PyTorch's own matmul settings): ``"tf32"`` (the default),
