@@ -301,6 +301,49 @@ def diag(T: int = 8192) -> None:
                   flush=True)
 
 
+def diag_split(T: int = 8192) -> None:
+    """The split forward (``split_forward``, ``ops/triton_retrieval_kernels.py``) against the
+    persistent forward that retrieves as it walks, at W1 shapes (clip 1.0, defaults otherwise):
+    the operator's inference forward and fwd+bwd (the backward from its CUDA graph), with 4 and 8
+    retrieval warps, and the GPU time per kernel of one split inference forward."""
+    import titans_memory.ops.triton_tiled as tt
+
+    dev = torch.device("cuda")
+    args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, dev, seed=3)
+    x = [t.float().requires_grad_() for t in args + W + S]
+    cot = torch.randn(x[0].shape, device=dev)
+    print(f"\n# split forward vs retrieval in the walk, T = {T}, W1 shapes, clip 1.0, {device_name()}")
+    print("| forward | retrieval warps | retrieval tiles | inference fwd ms | fwd+bwd ms | fwd+bwd peak GiB |")
+    print("|---|---|---|---|---|---|")
+    for split, warps, tiles in [(False, 4, None), (True, 4, None), (True, 8, None), (True, 4, 8), (True, 4, 2)]:
+        tt.RETRIEVAL_WARPS, tt.RETRIEVAL_TILES = warps, tiles
+        inf = lambda: tt.neural_memory_tiled_triton(*x[:6], x[6:8], x[8:], SPEC, CHUNK, 1.0,  # noqa: E731
+                                                    split_forward=split)[0]
+        fwd = lambda: tt.neural_memory_tiled_triton_train(*x[:6], x[6:8], x[8:], SPEC, CHUNK, 1.0,  # noqa: E731
+                                                          split_forward=split)[0]
+        try:
+            with torch.no_grad():
+                sf, _ = _time_step(inf, 30.0, budget_s=1.0)
+            sb, peak = _time_step(lambda: torch.autograd.grad(fwd(), x[:6], cot), 30.0, budget_s=1.5)
+            print(f"| {'split' if split else 'walk retrieves'} | {warps if split else '-'} | "
+                  f"{(tiles or 4) if split else '-'} | {sf * 1e3:.2f} | "
+                  f"{sb * 1e3:.2f} | {peak:.3f} |", flush=True)
+        except Exception as exc:
+            print(f"| {split} | {warps} | {tiles} | {type(exc).__name__}: {str(exc)[:200]} | | |", flush=True)
+        clear_backward_graphs()
+        torch.cuda.empty_cache()
+    tt.RETRIEVAL_WARPS, tt.RETRIEVAL_TILES = 4, None
+    with torch.no_grad():
+        ks = gpu_kernels(lambda: tt.neural_memory_tiled_triton(*x[:6], x[6:8], x[8:], SPEC, CHUNK, 1.0))
+    tot = {}
+    for name, _, us in ks:
+        n, t = tot.get(name[:60], (0, 0.0))
+        tot[name[:60]] = (n + 1, t + us)
+    print("\n| kernel of one split inference forward | launches | GPU ms |\n|---|---|---|")
+    for name, (n, us) in sorted(tot.items(), key=lambda kv: -kv[1][1])[:8]:
+        print(f"| {name} | {n} | {us / 1e3:.3f} |")
+
+
 SEG_PREPASS = ["1 keys (all chunks)", "2 norms, stash (all chunks)", "3 retrieval (all chunks)"]
 
 
@@ -369,6 +412,7 @@ def main() -> int:
     p.add_argument("--lengths", default="2048,8192,32768")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--diag", action="store_true", help="forward-only timings with one knob changed at a time")
+    p.add_argument("--diag-split", action="store_true", help="the split forward against retrieval in the walk, at 8k")
     p.add_argument("--diag-bwd", action="store_true", help="GPU time per kernel of a training step and per backward phase")
     p.add_argument("--timed", default=None, help="JSON list of timed variants (default: TIMED)")
     p.add_argument("--checked", default=None, help="JSON list of checked variants (default: CHECKED)")
@@ -395,6 +439,10 @@ def main() -> int:
         ok = check_shapes([tuple(s) for s in json.loads(a.shapes_only)])
         print("shape check:", "PASS" if ok else "FAIL")
         return 0 if ok else 1
+    if a.diag_split:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        diag_split()
+        return 0
     if a.diag or a.diag_bwd:
         torch.backends.cuda.matmul.allow_tf32 = True
         diag() if a.diag else diag_bwd(variant=tuple(json.loads(a.diag_variant)) if a.diag_variant else None)

@@ -175,7 +175,7 @@ def test_barrier_failures_raise():
     """A persistent launch counts the head barriers that gave up; the drivers turn a non-zero
     count into BarrierTimeout (a TitansError) instead of returning its numbers."""
     from titans_memory.errors import BarrierTimeout, TitansError
-    from titans_memory.ops.triton_tiled import check_barriers
+    from titans_memory.ops.barrier_check import check_barriers
 
     check_barriers(torch.zeros(1, dtype=torch.int32))
     with pytest.raises(BarrierTimeout, match="2 head barrier"):
@@ -476,3 +476,82 @@ def test_kernel_precision_reaches_the_tiled_kernels(monkeypatch, kernel_precisio
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
     with pytest.raises(ConfigError, match="kernel_precision"):
         neural_memory(*gates, W, S, spec, CHUNK, 0.05, impl="triton_tiled", kernel_precision="fp16")
+
+
+@pytest.mark.parametrize("retrieval_tiles", [1, 2, 4])
+def test_split_forward_equals_chunked_with_any_retrieval_tiling(retrieval_tiles):
+    """The split forward (``_forward_segments``: the persistent walk without outputs, stashing
+    every chunk-start state, delta2 and the clipped theta; then each segment's retrieval for all
+    of its chunks at once) with segments of 2 chunks, the last one partial, the walk in one tile
+    (the interpreter's limit) and the retrieval in 1-4 tiles: output, final state and the
+    segment-start checkpoints against the chunked form in fp64 (REL_TOL)."""
+    import titans_memory.ops.triton_tiled as tt
+
+    torch.manual_seed(500 + retrieval_tiles)
+    T_long = 4 * CHUNK + 7  # chunks 0-4: segments [0, 1], [2, 3], [4]
+    gates, W, S = make_inputs(B=1, T=T_long)
+    spec, clip = MemoryMLPSpec("silu", True), 0.05
+    B, H, _, d = gates[0].shape
+    xs = [t.reshape(B * H, T_long, d).contiguous() for t in gates[:3]]
+    gs = [t.reshape(B * H, T_long).contiguous() for t in gates[3:]]
+    state = [t.reshape(B * H, *t.shape[2:]).clone() for t in (W[0], S[0], W[1], S[1])]
+    ck = [torch.empty(3, *t.shape) for t in state]
+    out = torch.empty_like(xs[0])
+    err = torch.zeros(1, dtype=torch.int32)
+    last = tt._forward_segments(xs, gs, state, state, out, 0, 5, spec, clip, 1, CHUNK, err, 2, ck=ck,
+                                retrieval_tiles=retrieval_tiles)
+    assert int(err) == 0 and [t.shape[0] for t in last] == [2] * 4
+    d64 = lambda ts: [t.detach().double() for t in ts]
+    ro, rW, rS = neural_memory_chunked(*d64(gates), d64(W), d64(S), spec, CHUNK, clip)
+    got = [out, state[0], state[2], state[1], state[3]]
+    for name, a, b in zip(["o", "W1", "W2", "S1", "S2"], got, [ro, *rW, *rS]):
+        assert rel_err(a.reshape(b.shape), b) < REL_TOL, name
+    for s in (1, 2):  # the checkpoint of segment s: the state after chunks 0 .. 2 s - 1
+        t = 2 * s * CHUNK
+        _, pW, pS = neural_memory_chunked(*[g[:, :, :t] for g in d64(gates)], d64(W), d64(S), spec, CHUNK, clip)
+        for c, ref in zip(ck, (pW[0], pS[0], pW[1], pS[1])):
+            assert rel_err(c[s].reshape(ref.shape), ref) < REL_TOL
+    # the last segment's stashed start state (chunk 4) is the checkpoint of segment 2
+    assert all(torch.equal(a[0], c[2]) for a, c in zip(last, ck))
+
+
+@pytest.mark.parametrize("split_forward", [True, False])
+def test_persistent_forward_and_segment_walk_with_the_kept_last_segment(monkeypatch, split_forward):
+    """The GPU's training combination under the interpreter: the persistent (split) forward, its
+    last segment's chunk-start states kept for the backward (whose recompute of that segment is
+    skipped), and the segment walk launched per phase (the CUDA-graph backward's body, run
+    eagerly here: the graph itself needs CUDA). Segments of 3, 3 and 2 chunks, the last one
+    partial; gradients vs fp64 autograd through the chunked form (REL_TOL)."""
+    import titans_memory.ops.triton_tiled as tt
+
+    init = tt._TrainCfg.__init__
+
+    def with_graph_walk(self, *a, **kw):
+        init(self, *a, **kw)
+        self.bwd_graph = True  # the graph's walk (per phase); _graphed_backward below runs it eagerly
+
+    monkeypatch.setattr(tt._TrainCfg, "__init__", with_graph_walk)
+    monkeypatch.setattr(tt, "_graphed_backward", lambda *a, **kw: None)
+    recomputed = []
+    real = tt._recompute_starts
+    monkeypatch.setattr(tt, "_recompute_starts", lambda cfg, xs, g, ck, st, c0, nc, err: (
+        recomputed.append(c0), real(cfg, xs, g, ck, st, c0, nc, err)))
+    torch.manual_seed(606 + split_forward)
+    T_long = 7 * CHUNK + 5
+    gates, W, S = make_inputs(B=1, T=T_long)
+    spec, clip = MemoryMLPSpec("silu", True), 0.05
+    leaves = [t.clone().requires_grad_(True) for t in (*gates, *W, *S)]
+    o, W_T, S_T = neural_memory_tiled_triton_train(*leaves[:6], leaves[6:8], leaves[8:], spec, CHUNK, clip,
+                                                   n_tiles=1, segment_chunks=3, persistent=True, stash=True,
+                                                   split_forward=split_forward)
+    outs = [o, *W_T, *S_T]
+    cots = [torch.randn_like(t) for t in outs]
+    grads = torch.autograd.grad(sum((t * c).sum() for t, c in zip(outs, cots)), leaves)
+    assert recomputed == ([3, 0] if split_forward else [6, 3, 0])
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    ro, rW, rS = neural_memory_chunked(*ref_leaves[:6], ref_leaves[6:8], ref_leaves[8:], spec, CHUNK, clip)
+    for name, a, b in zip(["o", "W1_T", "W2_T", "S1_T", "S2_T"], outs, [ro, *rW, *rS]):
+        assert rel_err(a.detach(), b.detach()) < REL_TOL, name
+    ref = torch.autograd.grad(sum((t * c.double()).sum() for t, c in zip([ro, *rW, *rS], cots)), ref_leaves)
+    for i, (a, b) in enumerate(zip(grads, ref)):
+        assert rel_err(a, b) < REL_TOL, f"input {i}: relative error {rel_err(a, b):.2e}"

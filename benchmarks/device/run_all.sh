@@ -9,7 +9,8 @@
 # about 1.5 min more on an H200, not yet timed as part of this stage); stage "persistent"
 # (kernels_persistent.py and the layer rows of the Triton kernels) took 4-5 min on an H200.
 # Stages "graphpaths" (75 s on an H200, one GPU) and "shapes" (four shapes in 27 s there,
-# 2026-12-02) check the tiled kernels' other paths and head shapes.
+# 2026-12-02) check the tiled kernels' other paths and head shapes; stage "trace" (about 2 min
+# there, 2026-12-02) traces one layer step and times the split forward.
 set -uo pipefail
 C=.carry/device
 export PYTHONUNBUFFERED=1 TITANS_DATA_DIR=$PWD/$C/data
@@ -35,6 +36,9 @@ for s in $STAGES; do
               timeout 270 python3 benchmarks/kernels.py --out-csv benchmarks/results/kernels_h200_tiled.csv \
                 --impls ${PERSISTENT_IMPLS:-ours_triton,ours_triton_fused} 2>&1 | tee "$OUT/kernels_h200.log" ;;
     diagbwd)  timeout 150 python3 benchmarks/kernels_persistent.py --diag-bwd 2>&1 | tee "$OUT/diag_bwd.log" ;;
+    trace)    # where the GPU idles in a layer step (host-side trace), and the split forward against retrieval in the walk
+              timeout 120 python3 benchmarks/trace_step.py --impl ours_triton --length 8192 2>&1 | tee "$OUT/trace.log"
+              timeout 150 python3 benchmarks/kernels_persistent.py --diag-split 2>&1 | tee "$OUT/split.log" ;;
     graphpaths) # the CUDA-graph backward's eager, eviction and capture-failure paths, and the DDP check on >= 2 GPUs
               timeout 240 python3 benchmarks/device/graph_paths_check.py 2>&1 | tee "$OUT/graph_paths.log"
               if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then

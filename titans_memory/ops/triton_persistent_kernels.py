@@ -50,6 +50,7 @@ from .triton_tiled_kernels import (
     _bwd_rows,
     _bwd_state,
     _chunk_products,
+    _partial_retrieval,
     _phase_output,
     _sum_tiles,
     _tile_offsets,
@@ -93,11 +94,11 @@ def _fwd_persistent_kernel(
     w1_ptr, s1_ptr, w2_ptr, s2_ptr,
     fw1_ptr, fs1_ptr, fw2_ptr, fs2_ptr,
     cw1_ptr, cs1_ptr, cw2_ptr, cs2_ptr,
-    p_ptr, n_ptr, op_ptr, o_ptr, pm_ptr, cnt_ptr, err_ptr,
+    p_ptr, n_ptr, op_ptr, o_ptr, pm_ptr, cnt_ptr, err_ptr, d2_ptr, the_ptr,
     BH, T, c0, c1, save_every, n_hp, NT, clip,
     BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
     ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, OUT: tl.constexpr, SAVE: tl.constexpr,
-    PREC: tl.constexpr, SYNC: tl.constexpr = True,
+    PREC: tl.constexpr, SYNC: tl.constexpr = True, STASH: tl.constexpr = False,
 ):
     """Chunks ``c0 .. c1 - 1`` of every head; grid ``(NT, n_hp)``.
 
@@ -107,7 +108,10 @@ def _fwd_persistent_kernel(
     ``(n - c0) % save_every == 0``. OUT: the retrieval into ``o`` ``[BH, T, D]``, with the chunks'
     gate-only products ``A Dm`` from ``PM`` (``_coeff_products_kernel``); without OUT (the
     recompute) only the last row of the coefficients is needed, and no ``c x c`` matmul runs. Scratch: ``P,
-    O`` ``[BH, 2, NT, BC, D]``, ``N`` ``[BH, 2, NT, 2, BC]``; ``cnt`` ``[BH]`` zeros."""
+    O`` ``[BH, 2, NT, BC, D]``, ``N`` ``[BH, 2, NT, 2, BC]``; ``cnt`` ``[BH]`` zeros. STASH (for the
+    split forward's retrieval, ``triton_retrieval_kernels.py``): tile 0 stores chunk ``n``'s
+    ``delta2`` into slot ``n - c0`` of ``d2 [nc, BH, BC, D]`` and, with CLIP, its clipped ``theta``
+    into ``the [nc, BH, BC]``."""
     j = tl.program_id(0)
     hp = tl.program_id(1)
     rc = tl.arange(0, BC)
@@ -155,16 +159,18 @@ def _fwd_persistent_kernel(
                 a2 = _sum_tiles(n_head + BC, NT, 2 * BC, rc)
                 sc, _, _ = _clip_scale(tl.sum(k * k, axis=1) * b1 + tl.sum(delta2 * delta2, axis=1) * a2, clip)
                 th = th * sc
+            if STASH:
+                if j == 0:
+                    sl = (n - c0) * BH + bh
+                    tl.store(d2_ptr + sl * BC * D + ocd, delta2)
+                    if CLIP:
+                        tl.store(the_ptr + sl * BC + rc, th)
             if not OUT:  # the recompute: the state update reads only the last row of C
                 A, Dm, pL, beta, E, g, cl, ml, bl, gl, el = _coeffs_last(th, et, al, valid, BC)
             else:  # the tile's partial retrieval (dual form through its hidden units)
                 A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs_given(
                     th, et, al, valid, _chunk_products(pm_ptr, bh, T, t0, BC), BC)
-                a1 = (beta[:, None] * _mm(q, w1, PREC) + g[:, None] * _mm(q, s1, PREC)
-                      - _mm(_mm(q, tl.trans(k), PREC) * C, delta1, PREC))
-                x1 = _act(a1, ACT)
-                o_j = (beta[:, None] * _mm(x1, w2, PREC) + g[:, None] * _mm(x1, s2, PREC)
-                       - _mm(_mm(x1, tl.trans(h1), PREC) * C, delta2, PREC))
+                o_j = _partial_retrieval(q, k, w1, s1, w2, s2, h1, delta1, delta2, C, beta, g, ACT, PREC)
                 tl.store(op_ptr + (bh * 2 + slot) * NT * BC * D + j * BC * D + ocd, o_j)
             tk = tl.trans(k)
             th1 = tl.trans(h1)

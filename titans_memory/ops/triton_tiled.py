@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ..errors import BarrierTimeout, ConfigError, ShapeError
+from ..errors import ConfigError, ShapeError
+from .barrier_check import apply_check, validate_check
 from .fused import TRITON_ACTIVATIONS, _device_of, interpret_mode
 from .mlp import MemoryMLPSpec
 from .triton_persistent_kernels import _bwd_kernel, _fwd_persistent_kernel
+from .triton_retrieval_kernels import _segment_output_kernel, _segment_retrieval_kernel
 from .triton_tiled_kernels import (
     PREC,
     PRECISIONS,
@@ -45,6 +47,13 @@ from .triton_tiled_kernels import (
     _output_kernel,
     _update_kernel,
 )
+
+
+# warps and hidden tiles (None: the walk's) of the split forward's retrieval (_segment_retrieval_kernel)
+RETRIEVAL_WARPS = 4
+RETRIEVAL_TILES: Optional[int] = None
+# the split forward without gradients keeps one segment's chunk-start states: at most this many bytes
+INFERENCE_SEGMENT_BYTES = 256 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,13 +183,6 @@ def resolve_persistent(persistent: Optional[bool], NT: int, dev: torch.device) -
     return bool(persistent)
 
 
-def check_barriers(err: Tensor) -> None:
-    """Raise :class:`BarrierTimeout` if any barrier of a persistent launch gave up (syncs)."""
-    n = int(err.sum().item())
-    if n:
-        raise BarrierTimeout(f"{n} head barrier(s) of the persistent memory kernels timed out")
-
-
 def coefficient_products(gates, BC: int) -> Tensor:
     """``[BH, n_chunks, BC, BC]``: every chunk's gate-only ``c x c`` product ``A Dm`` (fp32), one
     program per head and chunk (``_coeff_products_kernel``), for the kernels that would otherwise
@@ -196,13 +198,16 @@ def coefficient_products(gates, BC: int) -> Tensor:
 
 
 def _forward_persistent(xs, gates, st_in, st_out, out, c0, c1, spec, max_update_norm, NT, BC, err,
-                        save=None, prec=PREC, num_warps=8, sync=True, pm=None):
+                        save=None, prec=PREC, num_warps=8, sync=True, pm=None, stash=None, scratch=None):
     """Chunks ``c0 .. c1 - 1`` in one persistent launch: state from ``st_in`` (``(w1, s1, w2, s2)``)
     to ``st_out`` (may be the same tensors); ``out`` receives the outputs (``None``: not
     computed); ``save = (slots, every)`` stores the state at every ``every``-th chunk start into
     ``slots`` (four ``[n, BH, ..]`` tensors). Barrier failures are counted in ``err``. ``pm``:
     :func:`coefficient_products` of ``gates`` (computed here when ``out`` is given and it is not;
-    without ``out`` it is not needed)."""
+    without ``out`` it is not needed). ``stash = (d2, the)``: each chunk's ``delta2`` and clipped
+    ``theta`` for the split forward's retrieval (``STASH`` of the kernel; with ``save`` every chunk).
+    ``scratch = (P, N, cnt)`` (without ``out``): the scratch and zeroed barrier counters, allocated
+    by a caller that launches many walks (fewer host operations per launch)."""
     BH, T, d = xs[0].shape
     hid = st_in[0].shape[-1]
     if c1 <= c0:
@@ -210,24 +215,80 @@ def _forward_persistent(xs, gates, st_in, st_out, out, c0, c1, spec, max_update_
             if a.data_ptr() != b.data_ptr():
                 a.copy_(b)
         return
-    dev, f32 = xs[0].device, torch.float32
-    p_scr = torch.empty(BH, 2, NT, BC, d, device=dev, dtype=f32)
+    dev = xs[0].device
     CLIP = max_update_norm is not None
-    n_scr = torch.empty(BH, 2, NT, 2, BC, device=dev, dtype=f32) if CLIP else p_scr
     OUT = out is not None
-    o_scr = torch.empty(BH, 2, NT, BC, d, device=dev, dtype=f32) if OUT else p_scr
+    if scratch is None:
+        p_scr, n_scr, cnt = _walk_scratch(BH, NT, BC, d, CLIP, dev)
+        cnt = cnt[0]
+    else:
+        p_scr, n_scr, cnt = scratch
+    o_scr = torch.empty(BH, 2, NT, BC, d, device=dev, dtype=torch.float32) if OUT else p_scr
     if OUT and pm is None:
         pm = coefficient_products(gates, BC)
-    cnt = torch.zeros(BH, device=dev, dtype=torch.int32)
     slots, every = save if save is not None else (st_in, 1)
     n_hp = head_programs(BH, NT, dev)
     _fwd_persistent_kernel[(NT, n_hp)](
         *xs, *gates, *st_in, *st_out, *slots, p_scr, n_scr, o_scr, out if OUT else p_scr, pm if OUT else p_scr, cnt,
-        err,
+        err, *(stash if stash is not None else (p_scr, p_scr)),
         BH, T, c0, c1, every, n_hp, NT, float(max_update_norm) if CLIP else 1.0,
         BC=BC, D=d, F=hid, BF=hid // NT, ACT=spec.activation, RES=bool(spec.residual), CLIP=CLIP, OUT=OUT,
-        SAVE=save is not None, PREC=prec, SYNC=sync, num_warps=num_warps, num_stages=1,
+        SAVE=save is not None, PREC=prec, SYNC=sync, STASH=stash is not None, num_warps=num_warps, num_stages=1,
     )
+
+
+def _walk_scratch(BH, NT, BC, d, CLIP, dev, n_counters: int = 1):
+    """Scratch of a persistent walk: ``P [BH, 2, NT, BC, d]``, ``N [BH, 2, NT, 2, BC]`` (``P``
+    without the clip), and zeroed barrier counters ``[n_counters, BH]`` (one row per launch)."""
+    f32 = torch.float32
+    p_scr = torch.empty(BH, 2, NT, BC, d, device=dev, dtype=f32)
+    n_scr = torch.empty(BH, 2, NT, 2, BC, device=dev, dtype=f32) if CLIP else p_scr
+    cnt = torch.zeros(n_counters, BH, device=dev, dtype=torch.int32)
+    return p_scr, n_scr, cnt
+
+
+def _forward_segments(xs, gates, st_in, st_out, out, c0, c1, spec, max_update_norm, NT, BC, err, K,
+                      prec=PREC, num_warps=8, pm=None, ck=None, retrieval_tiles=None):
+    """The split forward of chunks ``c0 .. c1 - 1`` (``triton_retrieval_kernels.py``): per segment
+    of ``K`` chunks, the persistent walk without outputs (``NT`` tiles, stashing every chunk-start
+    state, ``delta2`` and the clipped ``theta``), then the segment's retrieval for all its chunks at
+    once (``retrieval_tiles`` tiles, default ``NT``) and their outputs into ``out``. State from
+    ``st_in`` to ``st_out`` (may alias). ``ck`` (four ``[n_seg, BH, ..]``): the state at every
+    segment start is kept there (the training checkpoints; the walk reads segment ``s`` from
+    ``ck[s]`` and writes ``ck[s + 1]``). Returns the last segment's stashed chunk-start states
+    (four ``[K, BH, ..]``; slots beyond its chunks unused)."""
+    BH, T, d = xs[0].shape
+    hid = st_in[0].shape[-1]
+    dev, f32 = xs[0].device, torch.float32
+    CLIP = max_update_norm is not None
+    NR = retrieval_tiles or RETRIEVAL_TILES or NT
+    K = max(1, min(K, c1 - c0))
+    starts = [torch.empty(K, *t.shape, device=dev, dtype=f32) for t in st_in]
+    d2 = torch.empty(K, BH, BC, d, device=dev, dtype=f32)
+    the = torch.empty(K, BH, BC, device=dev, dtype=f32) if CLIP else d2
+    o_scr = torch.empty(K, BH, NR, BC, d, device=dev, dtype=f32)
+    if pm is None:
+        pm = coefficient_products(gates, BC)
+    if ck is not None:
+        for c, t in zip(ck, st_in):
+            c[0].copy_(t)
+    meta = dict(BC=BC, D=d, F=hid, BF=hid // NR, ACT=spec.activation, CLIP=CLIP, PREC=prec)
+    n_seg = -(-(c1 - c0) // K)
+    p_scr, n_scr, cnt = _walk_scratch(BH, NT, BC, d, CLIP, dev, n_counters=n_seg)
+    for s, n0 in enumerate(range(c0, c1, K)):
+        n1 = min(n0 + K, c1)
+        last = n1 == c1
+        src = [c[s] for c in ck] if ck is not None else (st_in if s == 0 else st_out)
+        dst = st_out if last or ck is None else [c[s + 1] for c in ck]
+        _forward_persistent(xs, gates, src, dst, None, n0, n1, spec, max_update_norm, NT, BC, err,
+                            save=(starts, 1), prec=prec, num_warps=num_warps, stash=(d2, the),
+                            scratch=(p_scr, n_scr, cnt[s]))
+        _segment_retrieval_kernel[(NR, n1 - n0, BH)](
+            xs[0], xs[1], *gates, *starts, d2, the, pm, o_scr, BH, T, n0, **meta,
+            num_warps=RETRIEVAL_WARPS, num_stages=1)
+        _segment_output_kernel[(n1 - n0, BH)](o_scr, xs[0], out, BH, T, n0, NR, BC=BC, D=d,
+                                              RES=bool(spec.residual), num_warps=4, num_stages=1)
+    return starts
 
 
 @torch.no_grad()
@@ -246,17 +307,25 @@ def neural_memory_tiled_triton(
     n_tiles: int = 4,
     precision: str = PREC,
     persistent: Optional[bool] = None,
-    check: bool = True,
+    check: Union[bool, str] = "async",
+    split_forward: bool = True,
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """Same interface and result (to fp32 rounding) as
     :func:`~titans_memory.ops.tiled.neural_memory_tiled`, forward only, depth 2.
 
     ``persistent``: one launch for the whole sequence with per-head barriers
     (:mod:`~titans_memory.ops.triton_persistent_kernels`), or one launch per phase per chunk;
-    ``None``: persistent on CUDA. ``check`` (default on): after a persistent launch, synchronise
-    and raise :class:`BarrierTimeout` if a barrier gave up (the programs of a head were not all
-    resident, e.g. when other kernels held SMs for seconds), rather than return wrong numbers;
-    ``check=False`` skips that one device sync per call (under CUDA graph capture, say).
+    ``None``: persistent on CUDA. ``check``: what a persistent call does if a head barrier gave up
+    (the programs of a head were not all resident, e.g. when other kernels held SMs for seconds)
+    rather than return wrong numbers (:mod:`~titans_memory.ops.barrier_check`): ``"async"``
+    (default: no host sync; the call's outputs become NaN on the device and
+    :class:`~titans_memory.errors.BarrierTimeout` is raised at the next call, or by
+    ``raise_pending_barrier_timeouts``), ``True`` (synchronise and raise at once: one device sync
+    per call) or ``False`` (neither; under the caller's own CUDA graph capture, say).
+    ``split_forward`` (persistent only, default on): the split forward of
+    :mod:`~titans_memory.ops.triton_retrieval_kernels` (the walk updates the state alone; each
+    segment's chunks are retrieved at once; segments of ``INFERENCE_SEGMENT_BYTES`` of states);
+    off: one persistent launch that retrieves as it walks.
 
     Shapes: ``q, k, v`` ``[B, H, T, d]``; gates ``[B, H, T]``; ``weights = [W1 [B, H, d, E d],
     W2 [B, H, E d, d]]``, ``momentum`` likewise (zeros if ``None``). Returns ``(o [B, H, T, d],
@@ -265,6 +334,7 @@ def neural_memory_tiled_triton(
     (:func:`tiled_triton_unsupported_reason`).
     """
     W, S = _validated(q, weights, momentum, spec, chunk_size, n_tiles, precision, "neural_memory_tiled_triton")
+    validate_check(check)
     B, H, T, d = q.shape
     BH = B * H
     if T == 0:
@@ -283,10 +353,15 @@ def neural_memory_tiled_triton(
     with _device_of(q):
         if resolve_persistent(persistent, NT, q.device):
             err = torch.zeros(1, device=q.device, dtype=torch.int32)
-            _forward_persistent(xs, gates, state, state, out, 0, -(-T // BC), spec, max_update_norm, NT, BC, err,
-                                prec=precision)
-            if check:
-                check_barriers(err)
+            n_chunks = -(-T // BC)
+            if split_forward:  # segments of as many chunks as INFERENCE_SEGMENT_BYTES of states allow
+                K = max(1, min(n_chunks, INFERENCE_SEGMENT_BYTES // max(1, 4 * sum(t.numel() for t in state))))
+                _forward_segments(xs, gates, state, state, out, 0, n_chunks, spec, max_update_norm, NT, BC, err, K,
+                                  prec=precision)
+            else:
+                _forward_persistent(xs, gates, state, state, out, 0, n_chunks, spec, max_update_norm, NT, BC, err,
+                                    prec=precision)
+            apply_check(check, err, [out, *state])
         else:
             _forward_chunks(xs, gates, state, out, 0, -(-T // BC), spec, max_update_norm, NT, BC, prec=precision)
 
@@ -303,7 +378,7 @@ class _TrainCfg:
 
     def __init__(self, BH, T, d, hid, spec, chunk, n_tiles, max_update_norm, segment_chunks, prec=PREC,
                  persistent=False, check=True, bwd_tiles=None, num_warps=(8, 4), stash=False, bwd_graph=False,
-                 hoist_coeffs=True, hoist_free=True, bwd_prec=None):
+                 hoist_coeffs=True, hoist_free=True, bwd_prec=None, split_forward=True):
         self.BH, self.T, self.d, self.hid = BH, T, d, hid
         # matmul operands of the forward and the recompute (prec), of the backward's walk (bwd_prec)
         self.prec = prec
@@ -332,6 +407,8 @@ class _TrainCfg:
         # the backward walk launch per phase, replayed from a CUDA graph (persistent: forward only)
         self.bwd_graph = bwd_graph
         self.check = check
+        # persistent: the forward walks the state alone and retrieves a segment's chunks at once
+        self.split_forward = split_forward
         if max(self.n_seg, self.K) * BH * d * hid >= 2**31:
             raise ConfigError(f"{max(self.n_seg, self.K)} saved states of {BH} heads x {d} x {hid} exceed 2^31 "
                               "elements; use a smaller batch or more segment_chunks")
@@ -462,8 +539,13 @@ class TiledTritonMemory(torch.autograd.Function):
         gates = [t.detach() for t in (th, et, al)]
         out = torch.empty_like(xs[0])
         err = torch.zeros(1, device=q.device, dtype=torch.int32)
+        last_starts = []
         with _device_of(q):
-            if cfg.persistent:
+            if cfg.persistent and cfg.split_forward:  # its last segment's states spare that recompute
+                last_starts = _forward_segments(xs, gates, state, state, out, 0, cfg.n_chunks, cfg.spec,
+                                                cfg.max_update_norm, cfg.NT_fwd, cfg.BC, err, cfg.K, prec=cfg.prec,
+                                                num_warps=cfg.fwd_warps, ck=ck)
+            elif cfg.persistent:
                 _forward_persistent(xs, gates, state, state, out, 0, cfg.n_chunks, cfg.spec, cfg.max_update_norm,
                                     cfg.NT_fwd, cfg.BC, err, save=(ck, cfg.K), prec=cfg.prec,
                                     num_warps=cfg.fwd_warps)
@@ -475,37 +557,40 @@ class TiledTritonMemory(torch.autograd.Function):
 
                 _forward_chunks(xs, gates, state, out, 0, cfg.n_chunks, cfg.spec, cfg.max_update_norm, cfg.NT_fwd,
                                 cfg.BC, on_chunk_start=save, prec=cfg.prec)
-        if cfg.check:
-            check_barriers(err)
+        apply_check(cfg.check, err, [out, *state])
         ctx.cfg = cfg
-        ctx.save_for_backward(*xs, *gates, *ck)
+        ctx.save_for_backward(*xs, *gates, *ck, *last_starts)
         return (out, *state)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_o, g_w1, g_s1, g_w2, g_s2):
         cfg = ctx.cfg
-        qf, kf, vf, th, et, al, *ck = ctx.saved_tensors
+        qf, kf, vf, th, et, al, *saved = ctx.saved_tensors
+        ck, last = saved[:4], saved[4:]
         go = torch.zeros_like(qf) if g_o is None else g_o.float().contiguous()
         adj = [torch.zeros_like(c[0]) if g is None else g.float().contiguous()
                for g, c in zip((g_w1, g_s1, g_w2, g_s2), ck)]
         with _device_of(qf):
-            graphed = _graphed_backward(cfg, (qf, kf, vf), (th, et, al), go, ck, adj) if cfg.bwd_graph else None
+            graphed = (_graphed_backward(cfg, (qf, kf, vf), (th, et, al), go, ck, adj, last)
+                       if cfg.bwd_graph else None)
             if graphed is not None:
                 grads, adj, err = graphed
             else:  # the graph's walk, launched eagerly (first sighting, evicted, capture failed)
                 grads, adj, err = _backward_body(cfg, (qf, kf, vf), (th, et, al), go, ck, [a.clone() for a in adj],
-                                                 per_phase=cfg.bwd_graph)
-        if cfg.check:
-            check_barriers(err)
+                                                 per_phase=cfg.bwd_graph, starts=[t.clone() for t in last])
+        apply_check(cfg.check, err, [*grads, *adj])
         return (None, *grads, *adj)
 
 
-def _backward_body(cfg: _TrainCfg, xs, gates, go, ck, adj, per_phase: bool = False):
+def _backward_body(cfg: _TrainCfg, xs, gates, go, ck, adj, per_phase: bool = False, starts=None):
     """The whole backward: segments in reverse, each recomputed (:func:`_recompute_starts`) and
     walked (:func:`_backward_walk`, ``per_phase`` as there); ``adj`` (the final state's cotangent)
-    is overwritten with the initial state's. Returns ``(grads of q, k, v, theta, eta, alpha; adj; barrier error count)``.
-    Launches only (no host sync), so it can be captured in a CUDA graph."""
+    is overwritten with the initial state's. ``starts`` (optional, four ``[K, BH, ..]``, overwritten):
+    the last segment's chunk-start states, kept by the split forward, whose recompute is then
+    skipped; the buffer serves the other segments' recomputes. Returns ``(grads of q, k, v,
+    theta, eta, alpha; adj; barrier error count)``. Launches only (no host sync), so it can be
+    captured in a CUDA graph."""
     qf = xs[0]
     grads = [torch.empty_like(t) for t in (*xs, *gates)]
     err = torch.zeros(1, device=qf.device, dtype=torch.int32)
@@ -513,11 +598,14 @@ def _backward_body(cfg: _TrainCfg, xs, gates, go, ck, adj, per_phase: bool = Fal
     scr = _backward_scratch(cfg, qf.device, segmented)
     if segmented:  # the chunks' gate-only c x c products, read by phase 3 and the coefficient pre-pass
         scr["PM"] = coefficient_products(gates, cfg.BC)
-    starts = [torch.empty(min(cfg.K, cfg.n_chunks), *c.shape[1:], device=c.device, dtype=c.dtype) for c in ck]
+    kept = bool(starts)
+    if not kept:
+        starts = [torch.empty(min(cfg.K, cfg.n_chunks), *c.shape[1:], device=c.device, dtype=c.dtype) for c in ck]
     for s in range(cfg.n_seg - 1, -1, -1):
         c0 = s * cfg.K
         nc = min(cfg.K, cfg.n_chunks - c0)
-        _recompute_starts(cfg, xs, gates, [c[s] for c in ck], starts, c0, nc, err)
+        if not (kept and s == cfg.n_seg - 1):
+            _recompute_starts(cfg, xs, gates, [c[s] for c in ck], starts, c0, nc, err)
         _backward_walk(cfg, xs, gates, go, starts, adj, scr, grads, c0, nc, err, per_phase)
     if not segmented:  # the chunk walk leaves the dq, dk rows of chunk 0 (the segment walk does its own)
         _bwd_rows_kernel[(cfg.BH, 1)](scr["DQ"][0], scr["DK"][0], grads[0], grads[1], cfg.T, 0, cfg.NT, 0,
@@ -531,8 +619,8 @@ class _BackwardGraph:
     The launch-per-phase backward issues 3-5 launches per chunk; replayed from a graph their
     CPU cost (tens of microseconds each through Triton's launcher) goes away, leaving GPU time."""
 
-    def __init__(self, cfg: _TrainCfg, xs, gates, go, ck, adj):
-        self.inputs = [t.clone() for t in (*xs, *gates, go, *ck, *adj)]
+    def __init__(self, cfg: _TrainCfg, xs, gates, go, ck, adj, last=()):
+        self.inputs = [t.clone() for t in (*xs, *gates, go, *ck, *adj, *last)]
         side = torch.cuda.Stream(device=xs[0].device)
         side.wait_stream(torch.cuda.current_stream(xs[0].device))
         with torch.cuda.stream(side):  # compile and warm every kernel outside the capture
@@ -545,12 +633,13 @@ class _BackwardGraph:
             self.outputs = self._body(cfg)
 
     def _body(self, cfg):
-        xs, gates, go, ck, adj = self.inputs[:3], self.inputs[3:6], self.inputs[6], self.inputs[7:11], self.inputs[11:]
-        grads, adj, err = _backward_body(cfg, xs, gates, go, ck, adj, per_phase=True)
+        xs, gates, go, ck = self.inputs[:3], self.inputs[3:6], self.inputs[6], self.inputs[7:11]
+        adj, last = self.inputs[11:15], self.inputs[15:]
+        grads, adj, err = _backward_body(cfg, xs, gates, go, ck, adj, per_phase=True, starts=last)
         return [*grads, *adj, err]
 
-    def __call__(self, xs, gates, go, ck, adj):
-        for dst, src in zip(self.inputs, (*xs, *gates, go, *ck, *adj)):
+    def __call__(self, xs, gates, go, ck, adj, last=()):
+        for dst, src in zip(self.inputs, (*xs, *gates, go, *ck, *adj, *last)):
             dst.copy_(src)
         self.graph.replay()
         out = [t.clone() for t in self.outputs]
@@ -576,12 +665,12 @@ def clear_backward_graphs() -> None:
     _EVICTED.clear()
 
 
-def _graphed_backward(cfg: _TrainCfg, xs, gates, go, ck, adj):
+def _graphed_backward(cfg: _TrainCfg, xs, gates, go, ck, adj, last=()):
     """The backward from the cached graph of ``cfg``'s configuration, captured now if this is
     its second sighting; ``None`` at the first (the caller then runs it eagerly)."""
     key = (xs[0].device, tuple(xs[0].shape), cfg.hid, cfg.spec, cfg.BC, cfg.NT_fwd, cfg.NT, cfg.K, cfg.CLIP,
            cfg.clip, cfg.prec, cfg.bwd_prec, cfg.persistent, cfg.fwd_warps, cfg.bwd_warps, cfg.stash, cfg.hoist_coeffs,
-           cfg.hoist_free)
+           cfg.hoist_free, cfg.split_forward, len(last))
     graph = _GRAPHS.pop(key, None)
     if graph is None:
         if key in _EVICTED:
@@ -596,14 +685,14 @@ def _graphed_backward(cfg: _TrainCfg, xs, gates, go, ck, adj):
             del _GRAPHS[oldest]
             _EVICTED[oldest] = None
         try:
-            graph = _BackwardGraph(cfg, xs, gates, go, ck, adj)
+            graph = _BackwardGraph(cfg, xs, gates, go, ck, adj, last)
         except RuntimeError as exc:  # e.g. a CUDA call another library makes during the capture
             warnings.warn(f"the CUDA-graph capture of the tiled memory backward failed ({exc}); this "
                           "configuration runs the backward eagerly from now on", RuntimeWarning, stacklevel=2)
             _EVICTED[key] = None
             return None
     _GRAPHS[key] = graph  # most recent last
-    return graph(xs, gates, go, ck, adj)
+    return graph(xs, gates, go, ck, adj, last)
 
 
 def neural_memory_tiled_triton_train(
@@ -622,7 +711,7 @@ def neural_memory_tiled_triton_train(
     segment_chunks: Optional[int] = None,
     precision: str = PREC,
     persistent: Optional[bool] = None,
-    check: bool = True,
+    check: Union[bool, str] = "async",
     bwd_tiles: Optional[int] = None,
     num_warps: Tuple[int, int] = (8, 8),
     stash: bool = True,
@@ -630,6 +719,7 @@ def neural_memory_tiled_triton_train(
     hoist_coeffs: bool = True,
     hoist_free: bool = True,
     bwd_precision: Optional[str] = None,
+    split_forward: bool = True,
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """Differentiable twin of :func:`neural_memory_tiled_triton` (depth 2, same coverage and
     requirements, same result): gradients flow to ``q, k, v, theta, eta, alpha``, ``weights`` and
@@ -663,7 +753,10 @@ def neural_memory_tiled_triton_train(
     matmul operands of the backward's walk; the forward and the recompute of the chunk-start
     states use ``precision`` (so ``precision="bf16", bwd_precision="tf32"`` runs bf16 operands
     where they pay, in the forward and the recompute, and tf32 in the walk, where bf16 was slower
-    on an H200: ``benchmarks/RESULTS.md``).
+    on an H200: ``benchmarks/RESULTS.md``). ``split_forward`` (persistent only, default on): the
+    forward walks each segment's chunks with the state update alone, then retrieves all of them at
+    once (:mod:`~titans_memory.ops.triton_retrieval_kernels`); the last segment's chunk-start
+    states it stashed are kept for the backward, which then skips that segment's recompute.
 
     The backward (:class:`TiledTritonMemory`) is the hand-written tiled backward of
     :func:`~titans_memory.ops.tiled.chunk_backward_depth2` as Triton kernels: five phases per
@@ -695,6 +788,7 @@ def neural_memory_tiled_triton_train(
     on an H200 by ``benchmarks/kernels_persistent.py``.
     """
     W, S = _validated(q, weights, momentum, spec, chunk_size, n_tiles, precision, "neural_memory_tiled_triton_train")
+    validate_check(check)
     B, H, T, d = q.shape
     hid = W[0].shape[-1]
     BH = B * H
@@ -713,7 +807,8 @@ def neural_memory_tiled_triton_train(
     _check_precision(bwd_precision)
     cfg = _TrainCfg(BH, T, d, hid, spec, chunk_size, n_tiles, max_update_norm, segment_chunks, precision,
                     persistent=persistent, check=check, bwd_tiles=bwd_tiles, num_warps=num_warps, stash=stash,
-                    bwd_graph=bwd_graph, hoist_coeffs=hoist_coeffs, hoist_free=hoist_free, bwd_prec=bwd_precision)
+                    bwd_graph=bwd_graph, hoist_coeffs=hoist_coeffs, hoist_free=hoist_free, bwd_prec=bwd_precision,
+                    split_forward=split_forward)
     # the walk the backward runs (the graph's and the eager fallback's alike, see TiledTritonMemory)
     segment_walk = _uses_segment_walk(cfg, cfg.bwd_graph)
     if q.is_cuda and (num_warps[1] > 8 or (bwd_precision == "bf16" and not segment_walk)):

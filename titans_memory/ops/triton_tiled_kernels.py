@@ -157,6 +157,17 @@ def _phase_errors(p_src, z_src, k, v, w2, rmask, NT, BC: tl.constexpr, D: tl.con
 
 
 @triton.jit
+def _partial_retrieval(q, k, w1, s1, w2, s2, h1, delta1, delta2, C, beta, g, ACT: tl.constexpr, PREC: tl.constexpr):
+    """Phase C's retrieval of one tile: the chunk's outputs through the tile's hidden units, in
+    the dual form of the chunk's update (``C``, ``beta``, ``g`` from ``_coeffs``)."""
+    a1 = (beta[:, None] * _mm(q, w1, PREC) + g[:, None] * _mm(q, s1, PREC)
+          - _mm(_mm(q, tl.trans(k), PREC) * C, delta1, PREC))
+    x1 = _act(a1, ACT)
+    return (beta[:, None] * _mm(x1, w2, PREC) + g[:, None] * _mm(x1, s2, PREC)
+            - _mm(_mm(x1, tl.trans(h1), PREC) * C, delta2, PREC))
+
+
+@triton.jit
 def _phase_output(o_src, q_ptr, o_ptr, bh, T, t0, NT, BC: tl.constexpr, D: tl.constexpr, RES: tl.constexpr):
     """Reduction 3: the chunk's output ``sum_t o_t [+ q]`` from the per-tile partials."""
     rc = tl.arange(0, BC)
@@ -242,11 +253,7 @@ def _update_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, w1_ptr, s1_ptr, 
     A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(th, et, al, valid, BC)
 
     # phase C: the tile's partial retrieval (dual form through the owned hidden units)
-    a1 = (beta[:, None] * _mm(q, w1, PREC) + g[:, None] * _mm(q, s1, PREC)
-          - _mm(_mm(q, tl.trans(k), PREC) * C, delta1, PREC))
-    x1 = _act(a1, ACT)
-    o_j = (beta[:, None] * _mm(x1, w2, PREC) + g[:, None] * _mm(x1, s2, PREC)
-           - _mm(_mm(x1, tl.trans(h1), PREC) * C, delta2, PREC))
+    o_j = _partial_retrieval(q, k, w1, s1, w2, s2, h1, delta1, delta2, C, beta, g, ACT, PREC)
     ocd = rc[:, None] * D + rd[None, :]
     tl.store(op_ptr + ((bh * 2 + slot) * NT + j) * BC * D + ocd, o_j)
 
