@@ -42,5 +42,7 @@ class CheckpointError(TitansError, OSError):
 
 class BarrierTimeout(TitansError, RuntimeError):
     """A head barrier of the persistent GPU kernels gave up waiting (the programs of a head were
-    not all resident at once): the results of that call are wrong and were not returned; run it
-    again, or with ``persistent=False`` (one launch per phase, no barriers)."""
+    not all resident at once): the results of that call are wrong. With ``check=True`` they were
+    not returned; with the default ``check="async"`` they were returned as NaN and this is raised
+    at the next call (:mod:`titans_memory.ops.barrier_check`). Run it again, or with
+    ``persistent=False`` (one launch per phase, no barriers)."""
