@@ -22,8 +22,8 @@ memory-light checkpointed variant and the fused Triton kernels.
                hidden units over several programs (tiles of ``min(64, H / 2)`` units), on CUDA
                as persistent kernels with per-head
                barriers (:mod:`titans_memory.ops.triton_persistent_kernels`); depth 2 only;
-               checked on an H200 and the fastest there (layer fwd+bwd at 8k 0.94 vs
-               0.31 M tok/s, streaming 4.0 vs 1.6); chosen by ``"auto"``
+               checked on an H200 and the fastest there (layer fwd+bwd at 8k 0.97 vs
+               0.31 M tok/s, streaming 4.1 vs 1.6); chosen by ``"auto"``
 ============== =============================================================================
 
 :mod:`titans_memory.ops.tiled` (not dispatched) is the chunked form with a head's state split over
