@@ -555,3 +555,25 @@ def test_persistent_forward_and_segment_walk_with_the_kept_last_segment(monkeypa
     ref = torch.autograd.grad(sum((t * c.double()).sum() for t, c in zip([ro, *rW, *rS], cots)), ref_leaves)
     for i, (a, b) in enumerate(zip(grads, ref)):
         assert rel_err(a, b) < REL_TOL, f"input {i}: relative error {rel_err(a, b):.2e}"
+
+
+def test_inference_splits_only_several_chunks(monkeypatch):
+    """The inference driver runs the split forward for several chunks and the walk that retrieves
+    as it goes for a single one (token-by-token streaming: one launch instead of three); both
+    equal the chunked form (REL_TOL)."""
+    import titans_memory.ops.triton_tiled as tt
+
+    calls = []
+    real = tt._forward_segments
+    monkeypatch.setattr(tt, "_forward_segments", lambda *a, **kw: (calls.append(a[6]), real(*a, **kw))[1])
+    spec = MemoryMLPSpec("silu", True)
+    for T_in, split in ((CHUNK - 3, False), (2 * CHUNK + 1, True)):
+        torch.manual_seed(700 + T_in)
+        gates, W, S = make_inputs(B=1, T=T_in)
+        calls.clear()
+        got = neural_memory_tiled_triton(*gates, W, S, spec, CHUNK, 0.05, n_tiles=1, persistent=True)
+        assert bool(calls) == split
+        d64 = lambda ts: [t.detach().double() for t in ts]
+        ref = neural_memory_chunked(*d64(gates), d64(W), d64(S), spec, CHUNK, 0.05)
+        for a, b in zip([got[0], *got[1], *got[2]], [ref[0], *ref[1], *ref[2]]):
+            assert rel_err(a, b) < REL_TOL

@@ -325,7 +325,7 @@ def neural_memory_tiled_triton(
     ``split_forward`` (persistent only, default on): the split forward of
     :mod:`~titans_memory.ops.triton_retrieval_kernels` (the walk updates the state alone; each
     segment's chunks are retrieved at once; segments of ``INFERENCE_SEGMENT_BYTES`` of states);
-    off: one persistent launch that retrieves as it walks.
+    off, or for a single chunk: one persistent launch that retrieves as it walks.
 
     Shapes: ``q, k, v`` ``[B, H, T, d]``; gates ``[B, H, T]``; ``weights = [W1 [B, H, d, E d],
     W2 [B, H, E d, d]]``, ``momentum`` likewise (zeros if ``None``). Returns ``(o [B, H, T, d],
@@ -354,7 +354,10 @@ def neural_memory_tiled_triton(
         if resolve_persistent(persistent, NT, q.device):
             err = torch.zeros(1, device=q.device, dtype=torch.int32)
             n_chunks = -(-T // BC)
-            if split_forward:  # segments of as many chunks as INFERENCE_SEGMENT_BYTES of states allow
+            # split: segments of as many chunks as INFERENCE_SEGMENT_BYTES of states allow; a single
+            # chunk (streaming token by token, say) has nothing to retrieve in parallel, and one launch
+            # costs the host less than three
+            if split_forward and n_chunks > 1:
                 K = max(1, min(n_chunks, INFERENCE_SEGMENT_BYTES // max(1, 4 * sum(t.numel() for t in state))))
                 _forward_segments(xs, gates, state, state, out, 0, n_chunks, spec, max_update_norm, NT, BC, err, K,
                                   prec=precision)
