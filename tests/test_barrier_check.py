@@ -118,3 +118,22 @@ def test_training_driver_wires_the_check_in_both_directions(monkeypatch):
     assert all(torch.isnan(g).all() for g in grads[:6]) and all(torch.isnan(g).all() for g in grads[6:])
     with pytest.raises(BarrierTimeout):
         run()
+
+
+def test_fit_raises_a_failure_left_pending_by_the_last_calls():
+    """``fit_module`` waits for the pending counts at the end of training: a barrier failure in
+    the last step (reported by ``check="async"`` only at the next call) is raised, not lost."""
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from titans_memory.training import TrainingConfig, fit_module
+
+    x, y = torch.randn(32, 3), torch.randn(32, 1)
+
+    def loss_fn(net, batch):  # as if every step's memory call had one barrier fail
+        bc.watch_barriers(torch.ones(1, dtype=torch.int32), [])
+        return nn.functional.mse_loss(net(batch[0]), batch[1])
+
+    with pytest.raises(BarrierTimeout, match="earlier call"):
+        fit_module(nn.Linear(3, 1), loss_fn, TensorDataset(x, y), None,
+                   TrainingConfig(max_epochs=1, batch_size=32, enable_progress_bar=False, seed=0))

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import CheckpointError, ConfigError
+from .ops.barrier_check import raise_pending_barrier_timeouts
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -301,6 +302,9 @@ def fit_module(
                 warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
             warnings.filterwarnings("ignore", message=".*no `val_dataloader`.*")
             trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
+        # a head-barrier failure of the persistent GPU kernels in the last calls (their default
+        # check="async" reports it at the next call): raised now rather than never
+        raise_pending_barrier_timeouts(wait=True)
         best = ckpt_cb.best_model_path
         best_score = ckpt_cb.best_model_score
         if val_loader is not None and best:

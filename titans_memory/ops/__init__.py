@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from ..config import KERNEL_PRECISIONS
+from .barrier_check import raise_pending_barrier_timeouts
 from .checkpointed import neural_memory_checkpointed
 from .chunked import neural_memory_chunked
 from .fused import neural_memory_triton, triton_available, triton_unsupported_reason
@@ -176,6 +177,7 @@ __all__ = [
     "neural_memory_chunked",
     "neural_memory_recurrent",
     "neural_memory_triton",
+    "raise_pending_barrier_timeouts",
     "triton_available",
     "triton_unsupported_reason",
 ]

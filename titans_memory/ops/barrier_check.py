@@ -12,7 +12,8 @@ Two policies, the drivers' ``check`` argument:
   call's outputs are filled with NaN if the count is non-zero (so a wrong result is never
   returned as numbers); the count is copied to pinned host memory behind an event, and the next
   call of these drivers (or :func:`raise_pending_barrier_timeouts`, which can also wait) raises
-  :class:`BarrierTimeout` once the copy shows a failure.
+  :class:`BarrierTimeout` once the copy shows a failure. The shared training loop
+  (``titans_memory.training.fit_module``) waits for the pending counts when training ends.
 
 ``check=False`` skips both (for captures of the caller's own CUDA graph).
 """
