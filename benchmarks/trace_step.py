@@ -131,7 +131,7 @@ def analyse(trace: dict, min_gap_us: float, top: int) -> None:
         if any(m in name for m in _SYNC_CALLS):
             sync[name][0] += 1
             sync[name][1] += d
-    print("\n| host synchronising calls in the step | calls | host ms |")
+    print("\n| host calls that synchronise or copy (or poll an event) | calls | host ms |")
     print("|---|---|---|")
     for name, (n, us) in sorted(sync.items(), key=lambda kv: -kv[1][1]):
         print(f"| {name} | {n} | {us / 1e3:.2f} |")

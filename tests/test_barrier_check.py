@@ -58,7 +58,8 @@ def test_pending_counts_are_bounded_and_wait_flushes(monkeypatch):
     monkeypatch.setattr(bc._PendingCount, "ready", lambda self: False)  # as if the copies were in flight
     for _ in range(4):
         bc.apply_check("async", torch.zeros(1, dtype=torch.int32), [])
-    assert len(bc._PENDING) <= 3  # the oldest beyond the bound were waited for
+    # before each new count is added, the oldest beyond MAX_PENDING are waited for: 2 kept + the new one
+    assert len(bc._PENDING) == 3
     bc.raise_pending_barrier_timeouts(wait=True)
     assert not bc._PENDING
 
