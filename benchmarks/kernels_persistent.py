@@ -350,6 +350,42 @@ SEG_PREPASS = ["1 keys (all chunks)", "2 norms, stash (all chunks)", "3 retrieva
 SEG_WALK = ["2a adjoint gate terms", "4 coefficients", "5 state adjoint"]
 
 
+def diag_parallel(T: int = 8192) -> None:
+    """Warps and matmul operands of the segment walk's phases over all chunks of a segment
+    (``SEGMENT_PHASE_WARPS``, ``SEGMENT_PHASE_PREC`` of ``ops/triton_tiled.py``) at W1 shapes
+    (clip 1.0, defaults otherwise): the operator's fwd+bwd, and each gradient's distance from
+    the default's (norm of the difference over the norm, the largest over the inputs)."""
+    import titans_memory.ops.triton_tiled as tt
+
+    dev = torch.device("cuda")
+    args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, dev, seed=3)
+    x = [t.float().requires_grad_() for t in args + W + S]
+    cot = torch.randn(x[0].shape, device=dev)
+    fwd = lambda: tt.neural_memory_tiled_triton_train(*x[:6], x[6:8], x[8:], SPEC, CHUNK, 1.0)[0]  # noqa: E731
+    print(f"\n# the segment walk's parallel phases, T = {T}, W1 shapes, clip 1.0, {device_name()}")
+    print("| parallel-phase warps | operands | fwd+bwd ms | peak GiB | max grad distance from the default (tensor) |")
+    print("|---|---|---|---|---|")
+    ref = None
+    for warps, prec in [(None, None), (4, None), (None, "bf16"), (4, "bf16"), (None, None)]:
+        tt.SEGMENT_PHASE_WARPS, tt.SEGMENT_PHASE_PREC = warps, prec
+        clear_backward_graphs()
+        try:
+            sb, peak = _time_step(lambda: torch.autograd.grad(fwd(), x[:6], cot), 30.0, budget_s=1.5)
+            g = torch.autograd.grad(fwd(), x[:6], cot)
+            if ref is None:
+                ref, dist = g, "-"
+            else:
+                d = [((a - b).norm() / b.norm()).item() for a, b in zip(g, ref)]
+                i = max(range(len(d)), key=d.__getitem__)
+                dist = f"{d[i]:.2e} ({['q', 'k', 'v', 'theta', 'eta', 'alpha'][i]})"
+            print(f"| {warps or 8} | {prec or 'tf32'} | {sb * 1e3:.2f} | {peak:.3f} | {dist} |", flush=True)
+        except Exception as exc:
+            print(f"| {warps} | {prec} | {type(exc).__name__}: {str(exc)[:200]} | | |", flush=True)
+        torch.cuda.empty_cache()
+    tt.SEGMENT_PHASE_WARPS, tt.SEGMENT_PHASE_PREC = None, None
+    clear_backward_graphs()
+
+
 def diag_bwd(T: int = 8192, variant=None) -> None:
     """Where the training step's GPU time goes, W1 shapes, the default tiling (x4, 8 warps, stash):
     GPU time per kernel of one forward + backward at ``T``, with the persistent backward and with
@@ -413,6 +449,8 @@ def main() -> int:
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--diag", action="store_true", help="forward-only timings with one knob changed at a time")
     p.add_argument("--diag-split", action="store_true", help="the split forward against retrieval in the walk, at 8k")
+    p.add_argument("--diag-parallel", action="store_true",
+                   help="warps and operands of the segment walk's parallel phases, at 8k")
     p.add_argument("--diag-bwd", action="store_true", help="GPU time per kernel of a training step and per backward phase")
     p.add_argument("--timed", default=None, help="JSON list of timed variants (default: TIMED)")
     p.add_argument("--checked", default=None, help="JSON list of checked variants (default: CHECKED)")
@@ -442,6 +480,10 @@ def main() -> int:
     if a.diag_split:
         torch.backends.cuda.matmul.allow_tf32 = True
         diag_split()
+        return 0
+    if a.diag_parallel:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        diag_parallel()
         return 0
     if a.diag or a.diag_bwd:
         torch.backends.cuda.matmul.allow_tf32 = True

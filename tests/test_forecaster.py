@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -387,10 +386,9 @@ def test_training_reduces_validation_loss(etth1):
 
 
 def _load_ltsf():
-    spec = importlib.util.spec_from_file_location("ltsf_bench", ROOT / "benchmarks" / "ltsf.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from _benchmarks import load_benchmark
+
+    return load_benchmark("ltsf", "ltsf_bench")
 
 
 def test_ltsf_eval_counts_every_test_window(tmp_path):

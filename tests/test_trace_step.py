@@ -3,17 +3,11 @@ synthetic Chrome trace: which GPU idle gaps it finds, which of them the host cau
 launch was issued after the GPU had gone idle), the host operators it blames, and the
 synchronising runtime calls it counts. The trace itself needs a GPU; its parsing does not."""
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from _benchmarks import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("trace_step", ROOT / "benchmarks" / "trace_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("trace_step")
 
 
 def _x(cat, ts, dur, name, **args):

@@ -344,6 +344,44 @@ def test_segment_walk_over_longer_segments_with_a_partial_last_chunk(monkeypatch
         assert rel_err(a, b) < REL_TOL, f"input {i}: relative error {rel_err(a, b):.2e}"
 
 
+def test_segment_phase_knobs_reach_only_the_phases_over_all_chunks(monkeypatch):
+    """``SEGMENT_PHASE_WARPS`` / ``SEGMENT_PHASE_PREC`` (``ops/triton_tiled.py``) set the warps and
+    operands of the segment walk's launches over a segment's chunks (phases 1, 2a, 3 and the hoisted
+    coefficient backward) and of no serial launch; gradients vs fp64 autograd, bound REL_TOL."""
+    import titans_memory.ops.triton_tiled as tt
+
+    monkeypatch.setattr(tt, "SEGMENT_PHASE_WARPS", 4)
+    monkeypatch.setattr(tt, "SEGMENT_PHASE_PREC", "ieee")
+    launches = []
+    real = tt._bwd_segment_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append((kw["PHASE"], kw["num_warps"], kw["PREC"]))
+                return real[grid](*args, **kw)
+
+            return launch
+
+    monkeypatch.setattr(tt, "_bwd_segment_kernel", Recording())
+    torch.manual_seed(405)
+    gates, W, S = make_inputs(B=1, T=3 * CHUNK + 5)
+    spec = MemoryMLPSpec("silu", True)
+    leaves = [t.clone().requires_grad_(True) for t in (*gates, *W, *S)]
+    o = neural_memory_tiled_triton_train(*leaves[:6], leaves[6:8], leaves[8:], spec, CHUNK, 0.05, n_tiles=2,
+                                         segment_chunks=2, stash=True, num_warps=(8, 8))[0]
+    cot = torch.randn_like(o)
+    grads = torch.autograd.grad((o * cot).sum(), leaves)
+    parallel = (tt.SEG_KEYS, tt.SEG_NORMS, tt.SEG_RETRIEVAL, tt.SEG_COEFFS_PRE)
+    assert {(w, p) for ph, w, p in launches if ph in parallel} == {(4, "ieee")}
+    assert {(w, p) for ph, w, p in launches if ph not in parallel} == {(8, tt.PREC)}
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    ro = neural_memory_chunked(*ref_leaves[:6], ref_leaves[6:8], ref_leaves[8:], spec, CHUNK, 0.05)[0]
+    ref = torch.autograd.grad((ro * cot.double()).sum(), ref_leaves)
+    for i, (a, b) in enumerate(zip(grads, ref)):
+        assert rel_err(a, b) < REL_TOL, f"input {i}: relative error {rel_err(a, b):.2e}"
+
+
 def test_backward_with_other_tiles_than_the_forward():
     """``bwd_tiles``: the recompute and the backward walk in 4 tiles after a 1-tile forward (the
     checkpoints are whole states, so the tilings are independent); gradients vs fp64 autograd."""

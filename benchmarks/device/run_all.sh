@@ -39,6 +39,10 @@ for s in $STAGES; do
     trace)    # where the GPU idles in a layer step (host-side trace), and the split forward against retrieval in the walk
               timeout 120 python3 benchmarks/trace_step.py --impl ours_triton --length 8192 2>&1 | tee "$OUT/trace.log"
               timeout 150 python3 benchmarks/kernels_persistent.py --diag-split 2>&1 | tee "$OUT/split.log" ;;
+    precision) # training quality per kernel_precision on a real genome, with a gradient check against fp64 (about 4 min on an H200)
+              timeout 300 python3 benchmarks/precision_quality.py --data-dir "$TITANS_DATA_DIR" --grad-check \
+                --seeds 0,1,2 --theta-max 0.01 2>&1 | tee "$OUT/precision.log"
+              timeout 120 python3 benchmarks/kernels_persistent.py --diag-parallel 2>&1 | tee "$OUT/parallel.log" ;;
     graphpaths) # the CUDA-graph backward's eager, eviction and capture-failure paths, and the DDP check on >= 2 GPUs
               timeout 240 python3 benchmarks/device/graph_paths_check.py 2>&1 | tee "$OUT/graph_paths.log"
               if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then

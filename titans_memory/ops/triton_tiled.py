@@ -54,6 +54,10 @@ RETRIEVAL_WARPS = 4
 RETRIEVAL_TILES: Optional[int] = None
 # the split forward without gradients keeps one segment's chunk-start states: at most this many bytes
 INFERENCE_SEGMENT_BYTES = 256 * 2**20
+# warps and matmul operands (None: the backward's) of the segment walk's phases over all chunks of a
+# segment (SEG_KEYS, SEG_NORMS, SEG_RETRIEVAL, SEG_COEFFS_PRE): they are not on the serial path
+SEGMENT_PHASE_WARPS: Optional[int] = None
+SEGMENT_PHASE_PREC: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,10 +476,11 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
                *((scr["DF1"], scr["DH1F"], scr["DD2P"]) if cfg.hoist_free else (scr["HDP"],) * 3),
                *(scr[name] for name in ("GS", "DD2", "DDL1", "HD", "PM")), BH, cfg.T, c0)
         meta["FREE"] = cfg.hoist_free
+        par = dict(meta, num_warps=SEGMENT_PHASE_WARPS or meta["num_warps"], PREC=SEGMENT_PHASE_PREC or meta["PREC"])
         for ph in (SEG_KEYS, SEG_NORMS, SEG_RETRIEVAL):
-            _bwd_segment_kernel[(NT, BH, nc)](*seg, 0, NT, cfg.clip, PHASE=ph, **meta)
+            _bwd_segment_kernel[(NT, BH, nc)](*seg, 0, NT, cfg.clip, PHASE=ph, **par)
         if cfg.hoist_coeffs:
-            _bwd_segment_kernel[(1, BH, nc)](*seg, 0, NT, cfg.clip, PHASE=SEG_COEFFS_PRE, **meta)
+            _bwd_segment_kernel[(1, BH, nc)](*seg, 0, NT, cfg.clip, PHASE=SEG_COEFFS_PRE, **par)
         walk = (SEG_GATES, SEG_COEFFS_WALK if cfg.hoist_coeffs else SEG_COEFFS, SEG_STATE)
         for s in range(nc - 1, -1, -1):
             for ph in walk:
@@ -673,7 +678,7 @@ def _graphed_backward(cfg: _TrainCfg, xs, gates, go, ck, adj, last=()):
     its second sighting; ``None`` at the first (the caller then runs it eagerly)."""
     key = (xs[0].device, tuple(xs[0].shape), cfg.hid, cfg.spec, cfg.BC, cfg.NT_fwd, cfg.NT, cfg.K, cfg.CLIP,
            cfg.clip, cfg.prec, cfg.bwd_prec, cfg.persistent, cfg.fwd_warps, cfg.bwd_warps, cfg.stash, cfg.hoist_coeffs,
-           cfg.hoist_free, cfg.split_forward, len(last))
+           cfg.hoist_free, cfg.split_forward, len(last), SEGMENT_PHASE_WARPS, SEGMENT_PHASE_PREC)
     graph = _GRAPHS.pop(key, None)
     if graph is None:
         if key in _EVICTED:
