@@ -386,6 +386,34 @@ def diag_parallel(T: int = 8192) -> None:
     clear_backward_graphs()
 
 
+def diag_walk(T: int = 8192) -> None:
+    """The split forward's state walk (and the recompute's, with the walk's warps) in other
+    tilings and warps than the default (4 tiles of 64 hidden units, 8 warps), the retrieval and the
+    backward kept at 4 tiles (``bwd_tiles``, ``RETRIEVAL_TILES``), at W1 shapes, 8k, clip 1.0: the
+    operator's fwd+bwd. A failing row is printed and the next is tried (the riskiest come last)."""
+    import titans_memory.ops.triton_tiled as tt
+
+    dev = torch.device("cuda")
+    args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, dev, seed=3)
+    x = [t.float().requires_grad_() for t in args + W + S]
+    cot = torch.randn(x[0].shape, device=dev)
+    print(f"\n# the split forward's walk: tiles and warps, T = {T}, W1 shapes, clip 1.0, {device_name()}")
+    print("| walk tiles | walk warps | fwd+bwd ms | fwd+bwd peak GiB |")
+    print("|---|---|---|---|")
+    tt.RETRIEVAL_TILES = 4
+    for tiles, warps in [(4, 8), (2, 8), (4, 4), (2, 16), (4, 16)]:
+        fwd = lambda: tt.neural_memory_tiled_triton_train(*x[:6], x[6:8], x[8:], SPEC, CHUNK, 1.0,  # noqa: E731
+                                                          n_tiles=tiles, bwd_tiles=4, num_warps=(warps, 8))[0]
+        try:
+            sb, peak = _time_step(lambda: torch.autograd.grad(fwd(), x[:6], cot), 30.0, budget_s=1.5)
+            print(f"| {tiles} | {warps} | {sb * 1e3:.2f} | {peak:.3f} |", flush=True)
+        except Exception as exc:
+            print(f"| {tiles} | {warps} | {type(exc).__name__}: {str(exc)[:200]} | |", flush=True)
+        clear_backward_graphs()
+        torch.cuda.empty_cache()
+    tt.RETRIEVAL_TILES = None
+
+
 def diag_bwd(T: int = 8192, variant=None) -> None:
     """Where the training step's GPU time goes, W1 shapes, the default tiling (x4, 8 warps, stash):
     GPU time per kernel of one forward + backward at ``T``, with the persistent backward and with
@@ -449,6 +477,7 @@ def main() -> int:
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--diag", action="store_true", help="forward-only timings with one knob changed at a time")
     p.add_argument("--diag-split", action="store_true", help="the split forward against retrieval in the walk, at 8k")
+    p.add_argument("--diag-walk", action="store_true", help="the split forward's walk in other tilings and warps, at 8k")
     p.add_argument("--diag-parallel", action="store_true",
                    help="warps and operands of the segment walk's parallel phases, at 8k")
     p.add_argument("--diag-bwd", action="store_true", help="GPU time per kernel of a training step and per backward phase")
@@ -480,6 +509,10 @@ def main() -> int:
     if a.diag_split:
         torch.backends.cuda.matmul.allow_tf32 = True
         diag_split()
+        return 0
+    if a.diag_walk:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        diag_walk()
         return 0
     if a.diag_parallel:
         torch.backends.cuda.matmul.allow_tf32 = True
