@@ -32,13 +32,16 @@ from titans_memory.backbone import TitansBackbone  # noqa: E402
 
 CASES = ([dict(T=T) for T in (512, 1024, 2048, 4096)] + [dict(T=T, theta_max=0.01) for T in (1024, 2048, 4096)]
          + [dict(T=T, chunk=16) for T in (2048, 8192)] + [dict(T=2048, n_tokens=256), dict(T=2048, chunk=64)])
-DEFAULTS = dict(T=2048, n_tokens=4, theta_max=0.1, clip=1.0, chunk=32, d_model=128, heads=4, batch=1, seed=0)
+DEFAULTS = dict(T=2048, n_tokens=4, theta_max=0.1, clip=1.0, chunk=32, d_model=128, heads=4, batch=1, seed=0,
+                eta_init=MemoryConfig.eta_init, alpha_init=MemoryConfig.alpha_init)
 
 
-def gradient_norm_and_fp32_distance(T, n_tokens, theta_max, clip, chunk, d_model, heads, batch, seed):
+def gradient_norm_and_fp32_distance(T, n_tokens, theta_max, clip, chunk, d_model, heads, batch, seed, eta_init,
+                                    alpha_init):
     """(fp64 gradient norm, fp32 distance) of the model of this module's docstring."""
     mem = MemoryConfig(theta_max=theta_max, theta_init=min(MemoryConfig.theta_init, theta_max / 2),
-                       max_update_norm=clip, chunk_size=chunk, impl="torch")
+                       max_update_norm=clip, chunk_size=chunk, impl="torch", eta_init=eta_init,
+                       alpha_init=alpha_init)
     cfg = TitansConfig(d_model=d_model, n_layers=1, n_heads=heads, variant="lmm", memory=mem)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Embedding(n_tokens, d_model), TitansBackbone(cfg), nn.Linear(d_model, n_tokens))
@@ -67,13 +70,14 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = json.loads(args.cases) if args.cases else CASES
-    print("| T | chunk | theta_max | clip | distinct tokens | fp64 gradient norm | fp32 distance | s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| T | chunk | theta_max | clip | eta_init | alpha_init | distinct tokens | fp64 gradient norm | fp32 distance | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for case in cases:
         c = dict(DEFAULTS, **case)
         t0 = time.perf_counter()
         norm, dist = gradient_norm_and_fp32_distance(**c)
-        print(f"| {c['T']} | {c['chunk']} | {c['theta_max']} | {c['clip']} | {c['n_tokens']} | {norm:.3g} | "
+        print(f"| {c['T']} | {c['chunk']} | {c['theta_max']} | {c['clip']} | {c['eta_init']} | {c['alpha_init']} | "
+              f"{c['n_tokens']} | {norm:.3g} | "
               f"{dist:.2e} | {time.perf_counter() - t0:.0f} |", flush=True)
     return 0
 

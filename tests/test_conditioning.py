@@ -11,4 +11,4 @@ def test_short_sequence_is_well_conditioned_and_the_table_prints(capsys):
     assert 0 < norm < 1e3 and dist < 1e-4
     assert cond.main(["--cases", '[{"T": 64, "d_model": 32, "heads": 2}]']) == 0
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| 64 |")]
-    assert len(rows) == 1 and rows[0].split("|")[5].strip() == "4"
+    assert len(rows) == 1 and rows[0].split("|")[7].strip() == "4"
