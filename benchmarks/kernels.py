@@ -578,6 +578,9 @@ def run_aot_tiled(tiles=(4, 8)) -> int:
             # the default (hoisted coefficients, FREE); PHASE 5 is the walk's phase 4 when not hoisted
             *((TT._bwd_segment_kernel, dict(PHASE=ph, FREE=ph != TT.SEG_COEFFS), 8, f"segment walk phase {ph}")
               for ph in range(1, 9)),
+            # the phases over a segment's chunks at 4 warps (SEGMENT_PHASE_WARPS), tf32 and bf16
+            *((TT._bwd_segment_kernel, dict(PHASE=ph, FREE=True, PREC=pr), 4, f"segment walk phase {ph}, {pr}")
+              for ph in (1, 2, 3, 7) for pr in ("tf32", "bf16")),
         ):
             consts = {k: v for k, v in dict(base, **extra).items() if k in fn.arg_names}
             ok &= _aot_compile(fn, consts, nw, f"tiled x{n} {label}")

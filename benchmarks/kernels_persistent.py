@@ -301,6 +301,15 @@ def diag(T: int = 8192) -> None:
                   flush=True)
 
 
+def _w1_operator_inputs(T: int):
+    """The memory operator's inputs at W1 shapes and length ``T`` on the GPU (q, k, v, gates,
+    weights, momentum, all requiring gradients), and an output cotangent."""
+    dev = torch.device("cuda")
+    args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, dev, seed=3)
+    x = [t.float().requires_grad_() for t in args + W + S]
+    return x, torch.randn(x[0].shape, device=dev)
+
+
 def diag_split(T: int = 8192) -> None:
     """The split forward (``split_forward``, ``ops/triton_retrieval_kernels.py``) against the
     persistent forward that retrieves as it walks, at W1 shapes (clip 1.0, defaults otherwise):
@@ -308,10 +317,7 @@ def diag_split(T: int = 8192) -> None:
     retrieval warps, and the GPU time per kernel of one split inference forward."""
     import titans_memory.ops.triton_tiled as tt
 
-    dev = torch.device("cuda")
-    args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, dev, seed=3)
-    x = [t.float().requires_grad_() for t in args + W + S]
-    cot = torch.randn(x[0].shape, device=dev)
+    x, cot = _w1_operator_inputs(T)
     print(f"\n# split forward vs retrieval in the walk, T = {T}, W1 shapes, clip 1.0, {device_name()}")
     print("| forward | retrieval warps | retrieval tiles | inference fwd ms | fwd+bwd ms | fwd+bwd peak GiB |")
     print("|---|---|---|---|---|---|")
@@ -357,10 +363,7 @@ def diag_parallel(T: int = 8192) -> None:
     the default's (norm of the difference over the norm, the largest over the inputs)."""
     import titans_memory.ops.triton_tiled as tt
 
-    dev = torch.device("cuda")
-    args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, dev, seed=3)
-    x = [t.float().requires_grad_() for t in args + W + S]
-    cot = torch.randn(x[0].shape, device=dev)
+    x, cot = _w1_operator_inputs(T)
     fwd = lambda: tt.neural_memory_tiled_triton_train(*x[:6], x[6:8], x[8:], SPEC, CHUNK, 1.0)[0]  # noqa: E731
     print(f"\n# the segment walk's parallel phases, T = {T}, W1 shapes, clip 1.0, {device_name()}")
     print("| parallel-phase warps | operands | fwd+bwd ms | peak GiB | max grad distance from the default (tensor) |")
@@ -393,10 +396,7 @@ def diag_walk(T: int = 8192) -> None:
     operator's fwd+bwd. A failing row is printed and the next is tried (the riskiest come last)."""
     import titans_memory.ops.triton_tiled as tt
 
-    dev = torch.device("cuda")
-    args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, dev, seed=3)
-    x = [t.float().requires_grad_() for t in args + W + S]
-    cot = torch.randn(x[0].shape, device=dev)
+    x, cot = _w1_operator_inputs(T)
     print(f"\n# the split forward's walk: tiles and warps, T = {T}, W1 shapes, clip 1.0, {device_name()}")
     print("| walk tiles | walk warps | fwd+bwd ms | fwd+bwd peak GiB |")
     print("|---|---|---|---|")
@@ -419,10 +419,7 @@ def diag_bwd(T: int = 8192, variant=None) -> None:
     GPU time per kernel of one forward + backward at ``T``, with the persistent backward and with
     the CUDA-graph backward (the segment walk; its phases told apart by their launch order).
     ``variant`` (a tuple as for ``--timed``, with the graph backward): that variant's walk only."""
-    dev = torch.device("cuda")
-    args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, dev, seed=3)
-    x = [t.float().requires_grad_() for t in args + W + S]
-    cot = torch.randn(x[0].shape, device=dev)
+    x, cot = _w1_operator_inputs(T)
     opts = [dict(bwd_graph=False), dict(bwd_graph=True)] if variant is None else [_walk_options(variant)]
     for kw in opts:
         graph = kw["bwd_graph"]
@@ -506,18 +503,11 @@ def main() -> int:
         ok = check_shapes([tuple(s) for s in json.loads(a.shapes_only)])
         print("shape check:", "PASS" if ok else "FAIL")
         return 0 if ok else 1
-    if a.diag_split:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        diag_split()
-        return 0
-    if a.diag_walk:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        diag_walk()
-        return 0
-    if a.diag_parallel:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        diag_parallel()
-        return 0
+    for flag, run in ((a.diag_split, diag_split), (a.diag_walk, diag_walk), (a.diag_parallel, diag_parallel)):
+        if flag:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            run()
+            return 0
     if a.diag or a.diag_bwd:
         torch.backends.cuda.matmul.allow_tf32 = True
         diag() if a.diag else diag_bwd(variant=tuple(json.loads(a.diag_variant)) if a.diag_variant else None)

@@ -7,8 +7,8 @@ from _benchmarks import load_benchmark
 
 def test_short_sequence_is_well_conditioned_and_the_table_prints(capsys):
     cond = load_benchmark("conditioning")
-    norm, dist = cond.gradient_norm_and_fp32_distance(**dict(cond.DEFAULTS, T=128, d_model=32, heads=2))
-    assert 0 < norm < 1e3 and dist < 1e-4
+    r = cond.conditioning(**dict(cond.DEFAULTS, T=128, d_model=32, heads=2))
+    assert 0 < r["norm"] < 1e3 and r["fp32"] < 1e-4 and r["perturbed"] < 1e-6
     assert cond.main(["--cases", '[{"T": 64, "d_model": 32, "heads": 2}]']) == 0
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| 64 |")]
-    assert len(rows) == 1 and rows[0].split("|")[7].strip() == "4"
+    assert len(rows) == 1 and rows[0].split("|")[8].strip() == "4"

@@ -5,9 +5,11 @@ replay): the output's and every gradient's distance (norm of the difference over
 
     PYTHONPATH=$PWD python benchmarks/device/operator_grad_check.py     # on the GPU machine
 """
-import math, sys, time, dataclasses
-import numpy as np, torch
-from torch import nn
+import math
+
+import numpy as np
+import torch
+
 from titans_memory.ops import neural_memory, layer_shapes
 from titans_memory.ops.mlp import MemoryMLPSpec
 from titans_memory.ops.triton_tiled import clear_backward_graphs
