@@ -572,12 +572,18 @@ def run_aot_tiled(tiles=(4, 8)) -> int:
             *((TP._bwd_kernel, dict(PHASE=ph), 4, f"_bwd_kernel phase {ph}") for ph in (1, 2, 3, 4, 5)),
             (TP._fwd_persistent_kernel, dict(OUT=True, SAVE=True), 8, "persistent fwd (train)"),
             (TP._fwd_persistent_kernel, dict(OUT=False, SAVE=True), 8, "persistent fwd (recompute)"),
+            # the split forward's walk, and its code variants (WALK_CODE of ops/triton_tiled.py)
+            *((TP._fwd_persistent_kernel, dict(OUT=False, SAVE=True, STASH=True, **code), 8,
+               f"persistent walk (split fwd) {'+'.join(code) or 'default'}")
+              for code in ({}, dict(LATE_SAVE=True), dict(PREFETCH=True), dict(MERGE=True))),
             (TP._bwd_kernel, dict(PHASE=0), 4, "persistent bwd"),
             (TP._bwd_kernel, dict(PHASE=0), 8, "persistent bwd"),
             (TP._bwd_kernel, dict(PHASE=0, STASH=True), 8, "persistent bwd, stash"),
             # the default (hoisted coefficients, FREE); PHASE 5 is the walk's phase 4 when not hoisted
             *((TT._bwd_segment_kernel, dict(PHASE=ph, FREE=ph != TT.SEG_COEFFS), 8, f"segment walk phase {ph}")
               for ph in range(1, 9)),
+            (TT._bwd_segment_kernel, dict(PHASE=TT.SEG_STATE, FREE=True, MERGE=True), 8,
+             f"segment walk phase {TT.SEG_STATE}, MERGE (STATE_MERGE)"),
             # the phases over a segment's chunks at 4 warps (SEGMENT_PHASE_WARPS), tf32 and bf16
             *((TT._bwd_segment_kernel, dict(PHASE=ph, FREE=True, PREC=pr), 4, f"segment walk phase {ph}, {pr}")
               for ph in (1, 2, 3, 7) for pr in ("tf32", "bf16")),

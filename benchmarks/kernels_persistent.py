@@ -414,6 +414,81 @@ def diag_walk(T: int = 8192) -> None:
     tt.RETRIEVAL_TILES = None
 
 
+# WALK_CODE entries; STATE_MERGE: phase 5 of the segment walk merged (STATE_MERGE of ops/triton_tiled.py)
+WALK_CODES = [{}, dict(LATE_SAVE=True), dict(PREFETCH=True), dict(MERGE=True), dict(LATE_SAVE=True, MERGE=True),
+              dict(PREFETCH=True, MERGE=True), dict(STATE_MERGE=True), dict(MERGE=True, STATE_MERGE=True), {}]
+
+
+def diag_walk_code(T: int = 8192, codes=None) -> None:
+    """The persistent walk's code variants (``WALK_CODE`` of ``ops/triton_tiled.py``: the
+    chunk-start state stored after the chunk's barriers, the next chunk's inputs prefetched, the
+    weight and momentum increments in one matmul per layer) and phase 5 of the segment walk with
+    its matmuls merged (``STATE_MERGE``) at W1 shapes, 8k, clip 1.0: the
+    operator's inference forward and fwd+bwd, and the largest distance of the output and the
+    gradients from the default's (norm of the difference over the norm). The default comes first
+    and last (run-to-run spread)."""
+    import titans_memory.ops.triton_tiled as tt
+
+    x, cot = _w1_operator_inputs(T)
+    print(f"\n# the persistent walk's code variants, T = {T}, W1 shapes, clip 1.0, {device_name()}")
+    print("| variant | inference fwd ms | fwd+bwd ms | peak GiB | max distance from the default |")
+    print("|---|---|---|---|---|")
+    inf = lambda: tt.neural_memory_tiled_triton(*x[:6], x[6:8], x[8:], SPEC, CHUNK, 1.0)[0]  # noqa: E731
+    fwd = lambda: tt.neural_memory_tiled_triton_train(*x[:6], x[6:8], x[8:], SPEC, CHUNK, 1.0)[0]  # noqa: E731
+    ref = None
+    for code in codes or WALK_CODES:
+        tt.WALK_CODE = {k: v for k, v in code.items() if k != "STATE_MERGE"}
+        tt.STATE_MERGE = bool(code.get("STATE_MERGE"))
+        clear_backward_graphs()
+        try:
+            with torch.no_grad():
+                sf, _ = _time_step(inf, 30.0, budget_s=1.0)
+                o = inf()
+            sb, peak = _time_step(lambda: torch.autograd.grad(fwd(), x[:6], cot), 30.0, budget_s=1.5)
+            g = [o, *torch.autograd.grad(fwd(), x[:6], cot)]
+            if ref is None:
+                ref, dist = g, "-"
+            else:
+                d = [((a - b).norm() / b.norm()).item() for a, b in zip(g, ref)]
+                i = max(range(len(d)), key=d.__getitem__)
+                dist = f"{d[i]:.2e} ({['o', 'q', 'k', 'v', 'theta', 'eta', 'alpha'][i]})"
+            print(f"| {'+'.join(k.lower() for k in code) or 'default'} | {sf * 1e3:.2f} | {sb * 1e3:.2f} | "
+                  f"{peak:.3f} | {dist} |", flush=True)
+        except Exception as exc:
+            print(f"| {code} | {type(exc).__name__}: {str(exc)[:200]} | | | |", flush=True)
+        torch.cuda.empty_cache()
+    tt.WALK_CODE, tt.STATE_MERGE = {}, False
+    clear_backward_graphs()
+
+
+def diag_walk_parts(T: int = 8192) -> None:
+    """What the split inference forward's walk kernel (``_fwd_persistent_kernel``) spends its GPU
+    time on, at W1 shapes, clip 1.0 and none: per chunk, by default and with the head barriers
+    and / or the stored chunk-start states left out (``WALK_CODE`` ``SYNC`` / ``SAVE`` False: timing
+    only, the results are wrong), and the retrieval kernels for comparison. The default comes
+    first and last."""
+    import titans_memory.ops.triton_tiled as tt
+
+    x, _ = _w1_operator_inputs(T)
+    n_chunks = -(-T // CHUNK)
+    print(f"\n# the walk's parts, GPU time per chunk, split inference forward, T = {T}, W1 shapes, {device_name()}")
+    print("| clip | variant | walk us per chunk | retrieval kernels us per chunk |\n|---|---|---|---|")
+    run = lambda clip: tt.neural_memory_tiled_triton(*x[:6], x[6:8], x[8:], SPEC, CHUNK, clip, check=False)  # noqa: E731
+    for clip in (1.0, None):
+        for label, code in [("default", {}), ("no barriers", dict(SYNC=False)), ("no state stores", dict(SAVE=False)),
+                            ("neither", dict(SYNC=False, SAVE=False)), ("default", {})]:
+            tt.WALK_CODE = code
+            with torch.no_grad():
+                for _ in range(3):
+                    run(clip)
+                torch.cuda.synchronize()
+                ks = gpu_kernels(lambda: run(clip))
+            walk = sum(us for n, _, us in ks if "_fwd_persistent" in n)
+            ret = sum(us for n, _, us in ks if "_segment_" in n)
+            print(f"| {clip} | {label} | {walk / n_chunks:.1f} | {ret / n_chunks:.1f} |", flush=True)
+    tt.WALK_CODE = {}
+
+
 def diag_bwd(T: int = 8192, variant=None) -> None:
     """Where the training step's GPU time goes, W1 shapes, the default tiling (x4, 8 warps, stash):
     GPU time per kernel of one forward + backward at ``T``, with the persistent backward and with
@@ -475,6 +550,10 @@ def main() -> int:
     p.add_argument("--diag", action="store_true", help="forward-only timings with one knob changed at a time")
     p.add_argument("--diag-split", action="store_true", help="the split forward against retrieval in the walk, at 8k")
     p.add_argument("--diag-walk", action="store_true", help="the split forward's walk in other tilings and warps, at 8k")
+    p.add_argument("--diag-walk-parts", action="store_true",
+                   help="the walk kernel's GPU time without its barriers / state stores (timing only), at 8k")
+    p.add_argument("--diag-walk-code", action="store_true",
+                   help="the persistent walk's code variants (WALK_CODE), at 8k")
     p.add_argument("--diag-parallel", action="store_true",
                    help="warps and operands of the segment walk's parallel phases, at 8k")
     p.add_argument("--diag-bwd", action="store_true", help="GPU time per kernel of a training step and per backward phase")
@@ -503,7 +582,9 @@ def main() -> int:
         ok = check_shapes([tuple(s) for s in json.loads(a.shapes_only)])
         print("shape check:", "PASS" if ok else "FAIL")
         return 0 if ok else 1
-    for flag, run in ((a.diag_split, diag_split), (a.diag_walk, diag_walk), (a.diag_parallel, diag_parallel)):
+    for flag, run in ((a.diag_split, diag_split), (a.diag_walk, diag_walk), (a.diag_parallel, diag_parallel),
+                      (a.diag_walk_code, diag_walk_code),
+                      (a.diag_walk_parts, diag_walk_parts)):
         if flag:
             torch.backends.cuda.matmul.allow_tf32 = True
             run()

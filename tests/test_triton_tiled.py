@@ -615,3 +615,66 @@ def test_inference_splits_only_several_chunks(monkeypatch):
         ref = neural_memory_chunked(*d64(gates), d64(W), d64(S), spec, CHUNK, 0.05)
         for a, b in zip([got[0], *got[1], *got[2]], [ref[0], *ref[1], *ref[2]]):
             assert rel_err(a, b) < REL_TOL
+
+
+def _assert_grads_equal_chunked(x, result, spec, clip):
+    """The gradients of all inputs ``x`` (q, k, v, gates, W, S) of a training call's ``result``
+    ``(o, W_T, S_T)`` from random cotangents, against autograd through the chunked form in fp64."""
+    o, Wt, St = result
+    co = torch.randn_like(o)
+    cw = [torch.randn_like(t) for t in (*Wt, *St)]
+    g = torch.autograd.grad([o, *Wt, *St], x, [co, *cw])
+    xr = [t.detach().double().requires_grad_(True) for t in x]
+    o2, W2, S2 = neural_memory_chunked(*xr[:6], xr[6:8], xr[8:], spec, CHUNK, clip)
+    gr = torch.autograd.grad([o2, *W2, *S2], xr, [co.double(), *[c.double() for c in cw]])
+    for i, (a, b) in enumerate(zip(g, gr)):
+        assert rel_err(a, b) < REL_TOL, f"grad {i}"
+
+
+# every code path once: the three variants together, the merged increments alone (the one that
+# changes the matmuls), and the SYNC override
+@pytest.mark.parametrize("code", [dict(MERGE=True), dict(LATE_SAVE=True, PREFETCH=True, MERGE=True),
+                                  dict(SYNC=False)],
+                         ids=lambda c: "+".join(k.lower() for k in c))
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_walk_code_variants_equal_chunked(monkeypatch, code, clip):
+    """The persistent walk's code variants (``WALK_CODE``: the chunk-start state stored after the
+    chunk's barriers, the next chunk's inputs loaded during this chunk's update, the weight and
+    momentum increments of a layer in one matmul; and the override of ``SYNC``, which with one tile
+    needs no barrier) in the split forward with segments of 2 chunks
+    (checkpoints, stashed chunk-start states, output and final state) and in training (the
+    recompute), against the chunked form in fp64 (REL_TOL), one tile (the interpreter's limit)."""
+    import titans_memory.ops.triton_tiled as tt
+
+    monkeypatch.setattr(tt, "WALK_CODE", code)
+    torch.manual_seed(700 + len(code) + 10 * (clip is not None))
+    T_long = 4 * CHUNK + 7
+    gates, W, S = make_inputs(B=1, T=T_long)
+    spec = MemoryMLPSpec("silu", True)
+    d64 = lambda ts: [t.detach().double() for t in ts]
+    ro, rW, rS = neural_memory_chunked(*d64(gates), d64(W), d64(S), spec, CHUNK, clip)
+    got = neural_memory_tiled_triton(*gates, W, S, spec, CHUNK, clip, n_tiles=1, persistent=True, check=True)
+    for name, a, b in zip(["o", "W1", "W2", "S1", "S2"], [got[0], *got[1], *got[2]], [ro, *rW, *rS]):
+        assert rel_err(a, b) < REL_TOL, name
+    x = [t.clone().requires_grad_(True) for t in (*gates, *W, *S)]
+    o, Wt, St = neural_memory_tiled_triton_train(*x[:6], x[6:8], x[8:], spec, CHUNK, clip, n_tiles=1,
+                                                 persistent=True, segment_chunks=2, check=True)
+    _assert_grads_equal_chunked(x, (o, Wt, St), spec, clip)
+
+
+@pytest.mark.parametrize("n_tiles,clip", [(1, 0.05), (2, None), (2, 0.05)])
+def test_segment_walk_with_merged_state_phase_equals_chunked(monkeypatch, n_tiles, clip):
+    """Phase 5 of the segment walk with its matmuls merged over a concatenated contraction axis
+    (``STATE_MERGE``), launched per phase with 1 and 2 tiles (stacked operands loaded across two
+    state tensors and across q / k, a last partial chunk masked): all gradients against autograd
+    through the chunked form in fp64 (REL_TOL)."""
+    import titans_memory.ops.triton_tiled as tt
+
+    monkeypatch.setattr(tt, "STATE_MERGE", True)
+    torch.manual_seed(800 + n_tiles + 10 * (clip is not None))
+    gates, W, S = make_inputs(B=1, T=3 * CHUNK + 5)
+    spec = MemoryMLPSpec("silu", True)
+    x = [t.clone().requires_grad_(True) for t in (*gates, *W, *S)]
+    o, Wt, St = neural_memory_tiled_triton_train(*x[:6], x[6:8], x[8:], spec, CHUNK, clip, n_tiles=n_tiles,
+                                                 persistent=False, stash=True, segment_chunks=2)
+    _assert_grads_equal_chunked(x, (o, Wt, St), spec, clip)

@@ -49,9 +49,11 @@ from .triton_tiled_kernels import (
     _bwd_retrieval,
     _bwd_rows,
     _bwd_state,
+    _cat_cols,
     _chunk_products,
     _partial_retrieval,
     _phase_output,
+    _split_cols,
     _sum_tiles,
     _tile_offsets,
 )
@@ -80,6 +82,15 @@ def _head_sync(cnt_ptr, err_ptr, nb, NT):
     return nb
 
 
+@triton.jit
+def _store_state(w1_ptr, s1_ptr, w2_ptr, s2_ptr, off, o1, o2, w1, s1, w2, s2):
+    """The tile's state into the slot at ``off`` of ``w1 ..`` (offsets ``o1, o2``: :func:`_tile_offsets`)."""
+    tl.store(w1_ptr + off + o1, w1)
+    tl.store(s1_ptr + off + o1, s1)
+    tl.store(w2_ptr + off + o2, w2)
+    tl.store(s2_ptr + off + o2, s2)
+
+
 # Integer arguments are not specialised (no recompilation for a new length, chunk offset or
 # head count: Triton would otherwise compile a variant per divisibility-by-16 class).
 _FWD_INTS = ["BH", "T", "c0", "c1", "save_every", "n_hp", "NT"]
@@ -99,6 +110,7 @@ def _fwd_persistent_kernel(
     BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
     ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, OUT: tl.constexpr, SAVE: tl.constexpr,
     PREC: tl.constexpr, SYNC: tl.constexpr = True, STASH: tl.constexpr = False,
+    LATE_SAVE: tl.constexpr = False, PREFETCH: tl.constexpr = False, MERGE: tl.constexpr = False,
 ):
     """Chunks ``c0 .. c1 - 1`` of every head; grid ``(NT, n_hp)``.
 
@@ -111,7 +123,10 @@ def _fwd_persistent_kernel(
     O`` ``[BH, 2, NT, BC, D]``, ``N`` ``[BH, 2, NT, 2, BC]``; ``cnt`` ``[BH]`` zeros. STASH (for the
     split forward's retrieval, ``triton_retrieval_kernels.py``): tile 0 stores chunk ``n``'s
     ``delta2`` into slot ``n - c0`` of ``d2 [nc, BH, BC, D]`` and, with CLIP, its clipped ``theta``
-    into ``the [nc, BH, BC]``."""
+    into ``the [nc, BH, BC]``. Code variants, measured on the H200 and not faster (``WALK_CODE`` of
+    ``triton_tiled.py``; same results): LATE_SAVE stores the chunk-start state after the chunk's
+    barriers, PREFETCH loads the next chunk's inputs during this chunk's update, MERGE computes a
+    layer's weight and momentum increments in one matmul."""
     j = tl.program_id(0)
     hp = tl.program_id(1)
     rc = tl.arange(0, BC)
@@ -126,18 +141,29 @@ def _fwd_persistent_kernel(
         s2 = tl.load(s2_ptr + o2)
         cnt = cnt_ptr + bh
         nb = 0
+        if PREFETCH:  # chunk c0's inputs; later chunks' are loaded one chunk ahead (below)
+            _, nk, nv, nth, net, nal, _, _, _, _ = _load_chunk(
+                k_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, bh, T, c0 * BC, BC, D)
         for n in range(c0, c1):
             t0 = n * BC
             slot = n % 2
             if SAVE:
-                if (n - c0) % save_every == 0:
-                    off = ((n - c0) // save_every) * sstride
-                    tl.store(cw1_ptr + off + o1, w1)
-                    tl.store(cs1_ptr + off + o1, s1)
-                    tl.store(cw2_ptr + off + o2, w2)
-                    tl.store(cs2_ptr + off + o2, s2)
-            q, k, v, th, et, al, valid, rmask, xoff, goff = _load_chunk(
-                q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, bh, T, t0, BC, D)
+                if not LATE_SAVE:
+                    if (n - c0) % save_every == 0:
+                        _store_state(cw1_ptr, cs1_ptr, cw2_ptr, cs2_ptr, ((n - c0) // save_every) * sstride, o1, o2,
+                                     w1, s1, w2, s2)
+            if PREFETCH:
+                valid = tl.minimum(T - t0, BC)
+                rmask = rc < valid
+                k, v, th, et, al = nk, nv, nth, net, nal
+                if OUT:
+                    q = tl.load(q_ptr + bh * T * D + (t0 + rc)[:, None] * D + tl.arange(0, D)[None, :],
+                                mask=rmask[:, None], other=0.0)
+                else:
+                    q = k
+            else:
+                q, k, v, th, et, al, valid, rmask, xoff, goff = _load_chunk(
+                    q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, bh, T, t0, BC, D)
             z1 = _mm(k, w1, PREC)
             h1 = _act(z1, ACT)
             p_head = p_ptr + (bh * 2 + slot) * NT * BC * D
@@ -159,12 +185,20 @@ def _fwd_persistent_kernel(
                 a2 = _sum_tiles(n_head + BC, NT, 2 * BC, rc)
                 sc, _, _ = _clip_scale(tl.sum(k * k, axis=1) * b1 + tl.sum(delta2 * delta2, axis=1) * a2, clip)
                 th = th * sc
+            if SAVE:
+                if LATE_SAVE:  # after the chunk's barriers: no barrier's release waits on these stores
+                    if (n - c0) % save_every == 0:
+                        _store_state(cw1_ptr, cs1_ptr, cw2_ptr, cs2_ptr, ((n - c0) // save_every) * sstride, o1, o2,
+                                     w1, s1, w2, s2)
             if STASH:
                 if j == 0:
                     sl = (n - c0) * BH + bh
                     tl.store(d2_ptr + sl * BC * D + ocd, delta2)
                     if CLIP:
                         tl.store(the_ptr + sl * BC + rc, th)
+            if PREFETCH:  # the next chunk's inputs, in flight during this chunk's update
+                _, nk, nv, nth, net, nal, _, _, _, _ = _load_chunk(
+                    k_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, bh, T, t0 + BC, BC, D)
             if not OUT:  # the recompute: the state update reads only the last row of C
                 A, Dm, pL, beta, E, g, cl, ml, bl, gl, el = _coeffs_last(th, et, al, valid, BC)
             else:  # the tile's partial retrieval (dual form through its hidden units)
@@ -174,10 +208,20 @@ def _fwd_persistent_kernel(
                 tl.store(op_ptr + (bh * 2 + slot) * NT * BC * D + j * BC * D + ocd, o_j)
             tk = tl.trans(k)
             th1 = tl.trans(h1)
-            w1n = bl * w1 + gl * s1 - _mm(tk, cl[:, None] * delta1, PREC)
-            s1 = el * s1 - _mm(tk, ml[:, None] * delta1, PREC)
-            w2n = bl * w2 + gl * s2 - _mm(th1, cl[:, None] * delta2, PREC)
-            s2 = el * s2 - _mm(th1, ml[:, None] * delta2, PREC)
+            if MERGE:  # one matmul per layer for the weight and momentum increments (N concatenated)
+                u1w, u1s = _split_cols(_mm(tk, _cat_cols(cl[:, None] * delta1, ml[:, None] * delta1, BC, BF), PREC),
+                                       D, BF)
+                u2w, u2s = _split_cols(_mm(th1, _cat_cols(cl[:, None] * delta2, ml[:, None] * delta2, BC, D), PREC),
+                                       BF, D)
+                w1n = bl * w1 + gl * s1 - u1w
+                s1 = el * s1 - u1s
+                w2n = bl * w2 + gl * s2 - u2w
+                s2 = el * s2 - u2s
+            else:
+                w1n = bl * w1 + gl * s1 - _mm(tk, cl[:, None] * delta1, PREC)
+                s1 = el * s1 - _mm(tk, ml[:, None] * delta1, PREC)
+                w2n = bl * w2 + gl * s2 - _mm(th1, cl[:, None] * delta2, PREC)
+                s2 = el * s2 - _mm(th1, ml[:, None] * delta2, PREC)
             w1 = w1n
             w2 = w2n
             if OUT:  # reduction 3 of the previous chunk (all its partials precede this chunk's R1)

@@ -58,6 +58,11 @@ INFERENCE_SEGMENT_BYTES = 256 * 2**20
 # segment (SEG_KEYS, SEG_NORMS, SEG_RETRIEVAL, SEG_COEFFS_PRE): they are not on the serial path
 SEGMENT_PHASE_WARPS: Optional[int] = None
 SEGMENT_PHASE_PREC: Optional[str] = None
+# code variants of the persistent walk (constexprs LATE_SAVE, PREFETCH, MERGE of _fwd_persistent_kernel;
+# SYNC / SAVE False for timing what the barriers / the stored chunk-start states cost: wrong results)
+WALK_CODE: dict = {}
+# phase 5 of the segment walk with its matmuls merged (MERGE of _bwd_state)
+STATE_MERGE = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +242,8 @@ def _forward_persistent(xs, gates, st_in, st_out, out, c0, c1, spec, max_update_
         err, *(stash if stash is not None else (p_scr, p_scr)),
         BH, T, c0, c1, every, n_hp, NT, float(max_update_norm) if CLIP else 1.0,
         BC=BC, D=d, F=hid, BF=hid // NT, ACT=spec.activation, RES=bool(spec.residual), CLIP=CLIP, OUT=OUT,
-        SAVE=save is not None, PREC=prec, SYNC=sync, STASH=stash is not None, num_warps=num_warps, num_stages=1,
+        PREC=prec, STASH=stash is not None, num_warps=num_warps, num_stages=1,
+        **dict(dict(SAVE=save is not None, SYNC=sync), **WALK_CODE),
     )
 
 
@@ -484,7 +490,8 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
         walk = (SEG_GATES, SEG_COEFFS_WALK if cfg.hoist_coeffs else SEG_COEFFS, SEG_STATE)
         for s in range(nc - 1, -1, -1):
             for ph in walk:
-                _bwd_segment_kernel[(NT, BH)](*seg, s, NT, cfg.clip, PHASE=ph, **meta)
+                _bwd_segment_kernel[(NT, BH)](*seg, s, NT, cfg.clip, PHASE=ph, **meta,
+                                              **({"MERGE": True} if ph == SEG_STATE and STATE_MERGE else {}))
         _bwd_rows_kernel[(BH, nc)](scr["DQ"], scr["DK"], dq, dk, cfg.T, c0, NT, scr["DQ"][0].numel(),
                                    BC=cfg.BC, D=cfg.d, num_warps=4, num_stages=1)
         return
@@ -678,7 +685,8 @@ def _graphed_backward(cfg: _TrainCfg, xs, gates, go, ck, adj, last=()):
     its second sighting; ``None`` at the first (the caller then runs it eagerly)."""
     key = (xs[0].device, tuple(xs[0].shape), cfg.hid, cfg.spec, cfg.BC, cfg.NT_fwd, cfg.NT, cfg.K, cfg.CLIP,
            cfg.clip, cfg.prec, cfg.bwd_prec, cfg.persistent, cfg.fwd_warps, cfg.bwd_warps, cfg.stash, cfg.hoist_coeffs,
-           cfg.hoist_free, cfg.split_forward, len(last), SEGMENT_PHASE_WARPS, SEGMENT_PHASE_PREC)
+           cfg.hoist_free, cfg.split_forward, len(last), SEGMENT_PHASE_WARPS, SEGMENT_PHASE_PREC,
+           tuple(sorted(WALK_CODE.items())), STATE_MERGE)
     graph = _GRAPHS.pop(key, None)
     if graph is None:
         if key in _EVICTED:

@@ -128,6 +128,24 @@ def _tile_offsets(bh, j, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr):
 
 
 @triton.jit
+def _cat_cols(a, b, M: tl.constexpr, N: tl.constexpr):
+    """``[a | b]``: two ``[M, N]`` tensors side by side, ``[M, 2 N]``."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (M, 2 * N))
+
+
+@triton.jit
+def _cat_rows(a, b, M: tl.constexpr, N: tl.constexpr):
+    """``[a; b]``: two ``[M, N]`` tensors one above the other, ``[2 M, N]``."""
+    return tl.reshape(tl.permute(tl.join(a, b), (2, 0, 1)), (2 * M, N))
+
+
+@triton.jit
+def _split_cols(x, M: tl.constexpr, N: tl.constexpr):
+    """The inverse of :func:`_cat_cols`: ``[M, 2 N] -> ([M, N], [M, N])``."""
+    return tl.split(tl.permute(tl.reshape(x, (M, 2, N)), (0, 2, 1)))
+
+
+@triton.jit
 def _phase_keys(k, w1, w2, z_dst, p_dst, BC: tl.constexpr, D: tl.constexpr, BF: tl.constexpr,
                 ACT: tl.constexpr, PREC: tl.constexpr):
     """Phase A (tile-local): store ``z1_j = k W1_j`` and the partial output ``P_j = act(z1_j) W2_j``."""
@@ -723,7 +741,7 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
                zs_ptr, us_ptr, d2s_ptr, dh1f_ptr, dd2p_ptr, T, t0, NT, clip,
                BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
                ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-               STASH: tl.constexpr, FREE: tl.constexpr = False):
+               STASH: tl.constexpr, FREE: tl.constexpr = False, MERGE: tl.constexpr = False):
     """Phase 5. Sums R6 (``d delta2``; program 0 writes ``dv`` and the per-head ``dk`` term), then
     the tile's ``dz1``, its R8 partial of ``dk``, and the adjoint of its slice of the chunk-start
     state, written in place over the adjoint of the state after the chunk: first the ``W1, S1``
@@ -733,7 +751,9 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
     stored). ``FREE``: the
     adjoint-free terms come stashed (``DD2P`` and the per-head ``dk`` slot from
     :func:`_bwd_coeffs_pre`, ``DH1F`` from phase 3), so ``R3``, ``R4`` and ``g_o delta2^T`` are
-    not needed here."""
+    not needed here. ``MERGE``: matmuls that add up share one matmul over the concatenated
+    contraction axis (9 instead of 13), the stacked operands loaded as one tile where they come
+    from memory."""
     rc = tl.arange(0, BC)
     rd = tl.arange(0, D)
     ocd = rc[:, None] * D + rd[None, :]
@@ -781,20 +801,41 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
         dh1 = tl.load(dh1f_ptr + ts)
     else:
         dh1 = _mm(tl.trans(-_mm(go, tl.trans(delta2), PREC) * C), tl.load(x1_ptr + ts), PREC)
-    dh1 += (_mm(dy, tl.trans(tl.load(w2_ptr + o2)), PREC)
-            - _mm(cl[:, None] * delta2, tl.trans(tl.load(aw2_ptr + o2)), PREC)
-            - _mm(ml[:, None] * delta2, tl.trans(tl.load(as2_ptr + o2)), PREC))
+    if MERGE:  # [dy | -cl delta2] [W2^T; aW2^T] - ml delta2 aS2^T
+        r2 = tl.arange(0, 2 * D)
+        o2t = bh * F * D + (j * BF + tl.arange(0, BF))[None, :] * D + (r2 % D)[:, None]  # [2D, BF]
+        wa2t = tl.load(tl.where(r2[:, None] < D, w2_ptr + o2t, aw2_ptr + o2t))
+        dh1 += (_mm(_cat_cols(dy, -(cl[:, None] * delta2), BC, D), wa2t, PREC)
+                - _mm(ml[:, None] * delta2, tl.trans(tl.load(as2_ptr + o2)), PREC))
+    else:
+        dh1 += (_mm(dy, tl.trans(tl.load(w2_ptr + o2)), PREC)
+                - _mm(cl[:, None] * delta2, tl.trans(tl.load(aw2_ptr + o2)), PREC)
+                - _mm(ml[:, None] * delta2, tl.trans(tl.load(as2_ptr + o2)), PREC))
     if CLIP:
         dh1 += (2.0 * dn2 * dd2)[:, None] * h1
     dz1 = dh1 * sd1 + ddelta1 * u * _act_dd(z1, ACT)
     aw1 = tl.load(aw1_ptr + o1)
     as1 = tl.load(as1_ptr + o1)
-    dk_j = (_mm(dz1, tl.trans(tl.load(w1_ptr + o1)), PREC) - _mm(cl[:, None] * delta1, tl.trans(aw1), PREC)
-            - _mm(ml[:, None] * delta1, tl.trans(as1), PREC))
+    if MERGE:  # [dz1 | -cl delta1] [W1^T; aW1^T] - ml delta1 aS1^T
+        r1 = tl.arange(0, 2 * BF)
+        o1t = bh * D * F + rd[None, :] * F + j * BF + (r1 % BF)[:, None]  # [2BF, D]
+        wa1t = tl.load(tl.where(r1[:, None] < BF, w1_ptr + o1t, aw1_ptr + o1t))
+        dk_j = (_mm(_cat_cols(dz1, -(cl[:, None] * delta1), BC, BF), wa1t, PREC)
+                - _mm(ml[:, None] * delta1, tl.trans(as1), PREC))
+    else:
+        dk_j = (_mm(dz1, tl.trans(tl.load(w1_ptr + o1)), PREC) - _mm(cl[:, None] * delta1, tl.trans(aw1), PREC)
+                - _mm(ml[:, None] * delta1, tl.trans(as1), PREC))
     tl.store(dks_ptr + (bh * (NT + 1) + j) * BC * D + ocd, dk_j)
     tq = tl.trans(q)
     da1 = tl.load(da1_ptr + ts)
-    aw1n = bl * aw1 + _mm(tq, beta[:, None] * da1, PREC) + _mm(tl.trans(k), dz1, PREC)
+    if MERGE:  # [q; k]^T [beta da1; dz1], [q; k] loaded as one tile
+        r = tl.arange(0, 2 * BC)
+        tok = t0 + r % BC
+        oqk = bh * T * D + tok[:, None] * D + rd[None, :]
+        qk = tl.load(tl.where(r[:, None] < BC, q_ptr + oqk, k_ptr + oqk), mask=(tok < T)[:, None], other=0.0)
+        aw1n = bl * aw1 + _mm(tl.trans(qk), _cat_rows(beta[:, None] * da1, dz1, BC, BF), PREC)
+    else:
+        aw1n = bl * aw1 + _mm(tq, beta[:, None] * da1, PREC) + _mm(tl.trans(k), dz1, PREC)
     as1n = gl * aw1 + el * as1 + _mm(tq, g[:, None] * da1, PREC)
     # every thread of the program has read the tile's W1, S1 adjoint before any overwrites it
     tl.debug_barrier()
@@ -807,8 +848,13 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
     tx1 = tl.trans(x1)
     aw2 = tl.load(aw2_ptr + o2)
     as2 = tl.load(as2_ptr + o2)
-    aw2n = (bl * aw2 + _mm(tx1, beta[:, None] * go, PREC) + _mm(tl.trans(ddelta1 * sd1), delta2, PREC)
-            + _mm(tl.trans(h1), dy, PREC))
+    if MERGE:  # [x1; d delta1 act'(z1)]^T [beta g_o; delta2] + h1^T dy
+        aw2n = (bl * aw2 + _mm(tl.trans(_cat_rows(x1, ddelta1 * sd1, BC, BF)),
+                               _cat_rows(beta[:, None] * go, delta2, BC, D), PREC)
+                + _mm(tl.trans(h1), dy, PREC))
+    else:
+        aw2n = (bl * aw2 + _mm(tx1, beta[:, None] * go, PREC) + _mm(tl.trans(ddelta1 * sd1), delta2, PREC)
+                + _mm(tl.trans(h1), dy, PREC))
     as2n = gl * aw2 + el * as2 + _mm(tx1, g[:, None] * go, PREC)
     tl.debug_barrier()
     tl.store(aw2_ptr + o2, aw2n)
@@ -844,7 +890,7 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
                         hd_ptr, pm_ptr, BH, T, c0, s_walk, NT, clip,
                         BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
                         ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-                        PHASE: tl.constexpr, FREE: tl.constexpr = False):
+                        PHASE: tl.constexpr, FREE: tl.constexpr = False, MERGE: tl.constexpr = False):
     """One phase of the segment walk for tile ``program_id(0)`` of head ``program_id(1)``: for
     ``PHASE`` ``SEG_KEYS, SEG_NORMS, SEG_RETRIEVAL`` (phases 1, 2 without the adjoint, 3) and
     ``SEG_COEFFS_PRE`` (the adjoint-free part of phase 4's per-head coefficient backward, one
@@ -856,7 +902,7 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
     adjoint-free terms of phases 4 and 5 (``DF1, DH1F, DD2P`` and the per-head ``dk`` slot), which
     the walk then reads instead of computing them. ``PM``: every chunk's gate-only ``c x c``
     product ``A Dm`` (``_coeff_products_kernel``), which phases 3 and ``SEG_COEFFS_PRE`` read
-    instead of computing it."""
+    instead of computing it. ``MERGE``: phase 5's matmuls merged (:func:`_bwd_state`)."""
     j = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     if PHASE <= 3 or PHASE == 7:  # SEG_KEYS .. SEG_RETRIEVAL, SEG_COEFFS_PRE: over the chunks
@@ -921,4 +967,5 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
     else:  # SEG_STATE
         _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_ptr, w1, w2,
                    aw1_ptr, as1_ptr, aw2_ptr, as2_ptr, p, n, xh, dn1, dd2_ptr, hd_ptr, dks, x1, da1, ddl1_ptr,
-                   zs, us, d2s, dh1f, dd2p, T, t0, NT, clip, BC, D, F, BF, ACT, RES, CLIP, PREC, True, FREE)
+                   zs, us, d2s, dh1f, dd2p, T, t0, NT, clip, BC, D, F, BF, ACT, RES, CLIP, PREC, True, FREE,
+                   MERGE)
