@@ -619,8 +619,15 @@ def test_inference_splits_only_several_chunks(monkeypatch):
 
 def _assert_grads_equal_chunked(x, result, spec, clip):
     """The gradients of all inputs ``x`` (q, k, v, gates, W, S) of a training call's ``result``
-    ``(o, W_T, S_T)`` from random cotangents, against autograd through the chunked form in fp64."""
+    ``(o, W_T, S_T)`` from random cotangents, against autograd through the chunked form in fp64;
+    with a clip, that it is active on these inputs (else its backward would go untested)."""
     o, Wt, St = result
+    if clip is not None:
+        d64 = [t.detach().double() for t in x]
+        with torch.no_grad():
+            free = neural_memory_chunked(*d64[:6], d64[6:8], d64[8:], spec, CHUNK, None)[0]
+            ref = neural_memory_chunked(*d64[:6], d64[6:8], d64[8:], spec, CHUNK, clip)[0]
+        assert rel_err(free, ref) > 1e-2
     co = torch.randn_like(o)
     cw = [torch.randn_like(t) for t in (*Wt, *St)]
     g = torch.autograd.grad([o, *Wt, *St], x, [co, *cw])

@@ -243,7 +243,7 @@ def _forward_persistent(xs, gates, st_in, st_out, out, c0, c1, spec, max_update_
         BH, T, c0, c1, every, n_hp, NT, float(max_update_norm) if CLIP else 1.0,
         BC=BC, D=d, F=hid, BF=hid // NT, ACT=spec.activation, RES=bool(spec.residual), CLIP=CLIP, OUT=OUT,
         PREC=prec, STASH=stash is not None, num_warps=num_warps, num_stages=1,
-        **dict(dict(SAVE=save is not None, SYNC=sync), **WALK_CODE),
+        **{"SAVE": save is not None, "SYNC": sync, **WALK_CODE},
     )
 
 
@@ -490,8 +490,8 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
         walk = (SEG_GATES, SEG_COEFFS_WALK if cfg.hoist_coeffs else SEG_COEFFS, SEG_STATE)
         for s in range(nc - 1, -1, -1):
             for ph in walk:
-                _bwd_segment_kernel[(NT, BH)](*seg, s, NT, cfg.clip, PHASE=ph, **meta,
-                                              **({"MERGE": True} if ph == SEG_STATE and STATE_MERGE else {}))
+                _bwd_segment_kernel[(NT, BH)](*seg, s, NT, cfg.clip, PHASE=ph, MERGE=STATE_MERGE and ph == SEG_STATE,
+                                              **meta)
         _bwd_rows_kernel[(BH, nc)](scr["DQ"], scr["DK"], dq, dk, cfg.T, c0, NT, scr["DQ"][0].numel(),
                                    BC=cfg.BC, D=cfg.d, num_warps=4, num_stages=1)
         return
