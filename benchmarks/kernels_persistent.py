@@ -542,6 +542,56 @@ def ncu_one(which: str, T: int = 8192) -> None:
     torch.cuda.synchronize()
 
 
+def diag_tf32(lengths=(2048, 8192, 32768)) -> None:
+    """tf32 operand rounding: the default (rounded in the forward, the recompute and the retrieval,
+    truncated in the backward's phases, ``_backward_prec``), rounded everywhere, and, when
+    ``TITANS_TF32_TRUNCATE=1`` is in the environment (read at import: run this again with it),
+    truncated everywhere. At W1 shapes, clip 1.0, per length: the training operator's relative error
+    against the chunked form in fp64 (output, final state, the largest over the gradients of every
+    input, with a cotangent on the output) and its fwd+bwd time."""
+    import titans_memory.ops.triton_tiled as tt
+    from titans_memory.ops import triton_kernels as tk
+
+    default_bwd = tt._backward_prec
+    modes = ([("rounded, backward truncated (default)", default_bwd), ("rounded everywhere", lambda p: p)]
+             if tk._TF32_ROUND else [("truncated everywhere", default_bwd)])
+    print(f"\n# tf32 operands, W1 shapes, clip 1.0, {device_name()}")
+    print("| tf32 operands | T | output | final W | final S | gradients (worst) | fwd+bwd ms |\n|---|---|---|---|---|---|---|")
+    names = ["q", "k", "v", "theta", "eta", "alpha", "W1", "W2", "S1", "S2"]
+    for T in lengths:
+        try:
+            args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, torch.device("cuda"), seed=3)
+            ref = [t.clone().requires_grad_() for t in args + W + S]
+            ro, rW, rS = neural_memory_chunked(*ref[:6], ref[6:8], ref[8:], SPEC, CHUNK, 1.0)
+            cot = torch.randn(ro.shape, device=ro.device, dtype=torch.float64)
+            gref = torch.autograd.grad(ro, ref, cot)
+            ro, rW, rS = ro.detach(), [t.detach() for t in rW], [t.detach() for t in rS]
+            del ref
+        except torch.cuda.OutOfMemoryError:
+            print(f"| (fp64 reference out of memory) | {T} | | | | | |")
+            torch.cuda.empty_cache()
+            continue
+        x = [t.detach().float().requires_grad_() for t in args + W + S]
+        fwd = lambda: neural_memory_tiled_triton_train(*x[:6], x[6:8], x[8:], SPEC, CHUNK, 1.0)  # noqa: E731
+        for mode, bwd in modes:
+            tt._backward_prec = bwd
+            clear_backward_graphs()
+            o, Wt, St = fwd()
+            g = torch.autograd.grad(o, x, cot.float())
+            eg = [_rel(a, b) for a, b in zip(g, gref)]
+            i = max(range(len(eg)), key=eg.__getitem__)
+            eo = _rel(o, ro)
+            ew = max(_rel(a, b) for a, b in zip(Wt, rW))
+            es = max(_rel(a, b) for a, b in zip(St, rS))
+            sb, _ = _time_step(lambda: torch.autograd.grad(fwd()[0], x[:6], cot.float()), 30.0, budget_s=1.5)
+            print(f"| {mode} | {T} | {eo:.2e} | {ew:.2e} | {es:.2e} | {eg[i]:.2e} ({names[i]}) | {sb * 1e3:.2f} |",
+                  flush=True)
+        tt._backward_prec = default_bwd
+        del gref, ro, rW, rS, x, g
+        clear_backward_graphs()
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--warm-one", default=None, help=argparse.SUPPRESS)
@@ -556,6 +606,8 @@ def main() -> int:
                    help="the persistent walk's code variants (WALK_CODE), at 8k")
     p.add_argument("--diag-parallel", action="store_true",
                    help="warps and operands of the segment walk's parallel phases, at 8k")
+    p.add_argument("--diag-tf32", action="store_true",
+                   help="errors and time with the tf32 operands rounded (run again with TITANS_TF32_TRUNCATE=1)")
     p.add_argument("--diag-bwd", action="store_true", help="GPU time per kernel of a training step and per backward phase")
     p.add_argument("--timed", default=None, help="JSON list of timed variants (default: TIMED)")
     p.add_argument("--checked", default=None, help="JSON list of checked variants (default: CHECKED)")
@@ -584,7 +636,7 @@ def main() -> int:
         return 0 if ok else 1
     for flag, run in ((a.diag_split, diag_split), (a.diag_walk, diag_walk), (a.diag_parallel, diag_parallel),
                       (a.diag_walk_code, diag_walk_code),
-                      (a.diag_walk_parts, diag_walk_parts)):
+                      (a.diag_walk_parts, diag_walk_parts), (a.diag_tf32, diag_tf32)):
         if flag:
             torch.backends.cuda.matmul.allow_tf32 = True
             run()

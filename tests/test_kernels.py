@@ -102,6 +102,46 @@ def compare(fn, args, W, S, spec, chunk, tol, final_grads=True, clip=None, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
+# tf32 operand rounding (on the GPU the tensor cores would otherwise truncate fp32 operands)
+import triton.language as tl  # noqa: E402
+
+_round_tf32 = fused._kernels._round_tf32
+
+
+@triton.jit
+def _round_tf32_kernel(x_ptr, y_ptr, N: tl.constexpr):
+    o = tl.arange(0, N)
+    tl.store(y_ptr + o, _round_tf32(tl.load(x_ptr + o)))
+
+
+def _nearest_tf32(x: torch.Tensor) -> torch.Tensor:
+    """Independent reference: 11 significant bits, ties away from zero, from frexp in fp64."""
+    m, e = torch.frexp(x.double())
+    r = torch.sign(m) * torch.floor(m.abs() * 2048.0 + 0.5) / 2048.0
+    return torch.ldexp(r, e).float()
+
+
+@pytest.mark.interpret
+def test_round_tf32_is_nearest_with_ties_away_from_zero():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1024, generator=g) * torch.exp2(torch.randint(-40, 40, (1024,), generator=g).float())
+    # exact ties (the dropped 13 bits are 1000...0b) and values just below / above them
+    ties = (torch.randint(1 << 10, 1 << 11, (64,), generator=g).float() + 0.5) * 2.0 ** -5
+    x[:64] = ties
+    x[64:128] = -ties
+    x[128:192] = torch.nextafter(ties, torch.zeros(()))
+    x[192:256] = torch.nextafter(ties, torch.full((), 1e9))
+    y = torch.empty_like(x)
+    _round_tf32_kernel[(1,)](x.to(DEV), y_ap := y.to(DEV), N=1024)
+    got = y_ap.cpu()
+    ref = _nearest_tf32(x)
+    assert torch.equal(got, ref), (x[got != ref][:4], got[got != ref][:4], ref[got != ref][:4])
+    assert (got.view(torch.int32) & 0x1FFF).eq(0).all()  # 10 stored mantissa bits
+    assert not torch.equal(got, x)  # it rounds something
+    assert torch.equal(got[:64].abs(), got[64:128].abs()) and (got[:64] > ties).all()
+
+
+# ---------------------------------------------------------------------------------------------
 # Triton kernels
 SPECS = [
     MemoryMLPSpec("silu", residual=True),

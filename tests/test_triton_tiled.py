@@ -374,12 +374,45 @@ def test_segment_phase_knobs_reach_only_the_phases_over_all_chunks(monkeypatch):
     grads = torch.autograd.grad((o * cot).sum(), leaves)
     parallel = (tt.SEG_KEYS, tt.SEG_NORMS, tt.SEG_RETRIEVAL, tt.SEG_COEFFS_PRE)
     assert {(w, p) for ph, w, p in launches if ph in parallel} == {(4, "ieee")}
-    assert {(w, p) for ph, w, p in launches if ph not in parallel} == {(8, tt.PREC)}
+    assert {(w, p) for ph, w, p in launches if ph not in parallel} == {(8, tt._backward_prec(tt.PREC))}
     ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
     ro = neural_memory_chunked(*ref_leaves[:6], ref_leaves[6:8], ref_leaves[8:], spec, CHUNK, 0.05)[0]
     ref = torch.autograd.grad((ro * cot.double()).sum(), ref_leaves)
     for i, (a, b) in enumerate(zip(grads, ref)):
         assert rel_err(a, b) < REL_TOL, f"input {i}: relative error {rel_err(a, b):.2e}"
+
+
+def test_backward_phases_multiply_tf32_unrounded_and_the_forward_rounded(monkeypatch):
+    """tf32: the forward and the recompute round the operands (``"tf32"``), the backward's phases
+    take them as the tensor cores read them (``"tf32-trunc"``); other precisions pass unchanged."""
+    import titans_memory.ops.triton_tiled as tt
+
+    assert tt.PREC == "tf32"
+    assert tt._backward_prec("tf32") == "tf32-trunc"
+    assert [tt._backward_prec(p) for p in ("ieee", "bf16")] == ["ieee", "bf16"]
+    seen = {"walk": set(), "backward": set()}
+    real_bwd, real_fwd = tt._bwd_segment_kernel, tt._update_kernel
+
+    def recording(real, key):
+        class Recording:
+            def __getitem__(self, grid):
+                def launch(*args, **kw):
+                    seen[key].add(kw["PREC"])
+                    return real[grid](*args, **kw)
+
+                return launch
+
+        return Recording()
+
+    monkeypatch.setattr(tt, "_bwd_segment_kernel", recording(real_bwd, "backward"))
+    monkeypatch.setattr(tt, "_update_kernel", recording(real_fwd, "walk"))  # the forward and the recompute
+    torch.manual_seed(406)
+    gates, W, S = make_inputs(B=1, T=2 * CHUNK + 3)
+    leaves = [t.clone().requires_grad_(True) for t in (*gates, *W, *S)]
+    o = neural_memory_tiled_triton_train(*leaves[:6], leaves[6:8], leaves[8:], MemoryMLPSpec("silu", True), CHUNK,
+                                         0.05, n_tiles=2, segment_chunks=2, stash=True)[0]
+    torch.autograd.grad(o.sum(), leaves)
+    assert seen == {"walk": {"tf32"}, "backward": {"tf32-trunc"}}
 
 
 def test_backward_with_other_tiles_than_the_forward():

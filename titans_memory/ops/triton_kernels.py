@@ -25,7 +25,12 @@ last valid token; a last partial chunk is masked, never padded with "neutral" ga
 
 Matmul precision (``PREC``): ``"ieee"`` (fp32 FMA), ``"tf32"`` (tensor cores, the default) or
 ``"bf16"`` (operands rounded to bf16, fp32 accumulation). The ``c x c`` coefficient products are
-always fp32. State, gates and accumulation are fp32 throughout.
+always fp32. State, gates and accumulation are fp32 throughout. ``"tf32"`` operands are rounded to
+the nearest tf32 value before the product (:func:`_round_tf32`): Hopper's tensor cores read fp32
+operands from shared memory as tf32 by dropping the low 13 mantissa bits, and that truncation
+biases every product towards zero, so the state's error grew linearly along the walk (at W1, 8k:
+2.2e-2 relative to fp64 truncated, 6e-4 rounded; ``benchmarks/kernels_persistent.py --diag-tf32``,
+RESULTS.md).
 """
 
 from __future__ import annotations
@@ -39,6 +44,11 @@ import triton.language as tl
 # a bf16 matmul there by rounding the fp32 operands to bf16 (round to nearest even, as the GPU's
 # conversion does) and multiplying in fp32: the same products a GPU forms.
 _EMU_BF16 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+# tf32 operands are rounded on the GPU only: the interpreter multiplies fp32 operands in fp32, so
+# it has no truncation to correct. Diagnostics only: TITANS_TF32_TRUNCATE=1 (read at import) leaves
+# them unrounded on the GPU, to measure what the rounding changes (benchmarks/walk_cuda.py).
+_TF32_ROUND = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1"
+                           and os.environ.get("TITANS_TF32_TRUNCATE", "0") != "1")
 _TINY = tl.constexpr(1e-20)
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT2PI = tl.constexpr(0.3989422804014327)
@@ -55,8 +65,25 @@ def _round_bf16(x):
 
 
 @triton.jit
+def _round_tf32(x):
+    """fp32 -> the nearest tf32 value (10 mantissa bits, ties away from zero, as ``cvt.rna.tf32.f32``),
+    kept in fp32 (finite inputs). Plain integer operations, so the interpreter runs it too."""
+    b = x.to(tl.uint32, bitcast=True)
+    b = (b + 0x1000) & 0xFFFFE000
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _mm(a, b, PREC: tl.constexpr):
-    if PREC == "bf16":
+    """``a @ b`` with fp32 accumulation. ``PREC``: ``"ieee"``, ``"tf32"`` (operands rounded to tf32 on
+    the GPU), ``"tf32-trunc"`` (internal: tf32 as the tensor cores read fp32, truncated; the tiled
+    backward's phases, where rounding cost 9-13 % of a W1 training step and the gradients' error
+    with truncation did not grow with the length, 2k to 32k, RESULTS.md) or ``"bf16"``."""
+    if PREC == "tf32" and _TF32_ROUND:
+        r = tl.dot(_round_tf32(a), _round_tf32(b), input_precision="tf32")
+    elif PREC == "tf32-trunc":
+        r = tl.dot(a, b, input_precision="tf32")
+    elif PREC == "bf16":
         if _EMU_BF16:
             r = tl.dot(_round_bf16(a), _round_bf16(b), input_precision="ieee")
         else:

@@ -71,6 +71,15 @@ def default_n_tiles(hidden: int) -> int:
     return max(1, hidden // max(1, min(64, hidden // 2)))
 
 
+def _backward_prec(precision: str) -> str:
+    """The backward phases' ``PREC``: ``"tf32"`` there multiplies the operands as the tensor cores
+    read them (truncated, ``"tf32-trunc"`` of ``triton_kernels._mm``); the forward, the recompute
+    and the retrieval round them. Measured at W1 (H200, RESULTS.md): rounding in the backward too
+    cost 9-13 % of the training step; the gradients' error with the truncating backward is reported
+    there next to the all-rounded one."""
+    return "tf32-trunc" if precision == "tf32" else precision
+
+
 def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -474,7 +483,7 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
     BH, NT = cfg.BH, cfg.NT
     dev = xs[0].device
     meta = dict(BC=cfg.BC, D=cfg.d, F=cfg.hid, BF=cfg.BF, ACT=cfg.spec.activation, RES=bool(cfg.spec.residual),
-                CLIP=cfg.CLIP, PREC=cfg.bwd_prec, num_warps=cfg.bwd_warps, num_stages=1)
+                CLIP=cfg.CLIP, PREC=_backward_prec(cfg.bwd_prec), num_warps=cfg.bwd_warps, num_stages=1)
     if _uses_segment_walk(cfg, per_phase):
         seg = (*xs, *gates, go, dv, dth, det, dal, *starts, *adj,
                *(scr[name] for name in ("P", "N", "XH", "DN1", "GT", "DQ", "DK", "X1", "DA1", "ZS", "US", "D2S",
