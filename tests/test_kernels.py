@@ -188,6 +188,31 @@ def test_triton_precisions(precision):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_fused_backward_launches_truncated_tf32_and_the_forward_rounded(precision, monkeypatch):
+    """The fused kernels' forward and recompute take ``precision``; their backward kernel takes
+    ``"tf32-trunc"`` for ``"tf32"`` (``fused.backward_prec``), other precisions unchanged."""
+    seen = {"fwd": set(), "bwd": set()}
+    for key, name in (("fwd", "_fwd2_kernel"), ("bwd", "_bwd2_kernel")):
+        real = getattr(fused._kernels, name)
+
+        class Recording:
+            def __getitem__(self, grid, real=real, key=key):
+                def launch(*a, **kw):
+                    seen[key].add(kw["PREC"])
+                    return real[grid](*a, **kw)
+
+                return launch
+
+        monkeypatch.setattr(fused._kernels, name, Recording())
+    args, W, S = make_inputs(B=1, H=1, T=40, d=16, expansion=2)
+    x = [t.float().requires_grad_() for t in (*args, *W, *S)]
+    o = neural_memory_triton(*x[:6], x[6:8], x[8:], SPECS[0], 16, 1.0, precision=precision)[0]
+    torch.autograd.grad(o.sum(), x)
+    assert seen == {"fwd": {precision}, "bwd": {"tf32-trunc" if precision == "tf32" else precision}}
+
+
+@pytest.mark.interpret
 def test_triton_wider_head_and_chunk32():
     """head_dim 32, hidden 64 (one 64-wide tile), chunk 32."""
     args, W, S = make_inputs(B=1, H=1, T=70, d=32, expansion=2)

@@ -41,9 +41,10 @@ class MemoryConfig:
             sequences), ``"triton"``, ``"naive"`` or the experimental ``"triton_tiled"``.
             All compute the same function.
         kernel_precision: matmul operands of the Triton kernels (fp32 state and accumulation
-            either way): ``"tf32"``, ``"bf16"``, or ``"bf16-forward"`` (bf16 in the forward
-            passes, tf32 in the backward's gradient walk; the fastest measured on an H200). See
-            :mod:`titans_memory.ops`.
+            either way): ``"tf32"`` (operands rounded to tf32 in the forward passes, as the
+            tensor cores read them, truncated, in the backward's phases), ``"bf16"``, or
+            ``"bf16-forward"`` (bf16 in the forward passes, tf32 in the backward's gradient walk;
+            the fastest measured on an H200). See :mod:`titans_memory.ops`.
     """
 
     depth: int = 2

@@ -80,6 +80,16 @@ TRITON_CHUNKS = (16, 32, 64)
 TRITON_HEAD_DIMS = (16, 32, 64)
 PRECISIONS = ("ieee", "tf32", "bf16")
 
+
+def backward_prec(precision: str) -> str:
+    """The ``PREC`` of the backward kernels' launches: ``"tf32"`` there multiplies the operands as the
+    tensor cores read them (truncated, ``"tf32-trunc"`` of ``triton_kernels._mm``), while the forward,
+    the recompute and the retrieval round them. Measured at W1 with the tiled kernels (H200,
+    RESULTS.md, eighth session): rounding in the backward too cost 9-13 % of the training step;
+    with the truncating backward the gradients' worst error was 3.3e-3 (4.4e-4 all rounded, 2.5e-3
+    all truncated), flat from 2k to 32k."""
+    return "tf32-trunc" if precision == "tf32" else precision
+
 _kernels = None
 _import_error: Optional[BaseException] = None
 
@@ -257,7 +267,7 @@ class FusedMemory(torch.autograd.Function):
                 q, k, v, th, et, al, g_o, dq, dk, dv, dth, det, dal,
                 seg, adj, scr, b1,
                 cfg.T, c0, nc, seg.stride(0), adj.stride(0), scr.stride(0), phase, cfg.clip,
-                num_warps=cfg.num_warps, num_stages=1, **consts,
+                num_warps=cfg.num_warps, num_stages=1, **dict(consts, PREC=backward_prec(cfg.prec)),
             )
             _note(f"bwd{cfg.depth}", h)
             phase = (phase + nc) % 2

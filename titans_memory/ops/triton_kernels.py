@@ -76,8 +76,8 @@ def _round_tf32(x):
 @triton.jit
 def _mm(a, b, PREC: tl.constexpr):
     """``a @ b`` with fp32 accumulation. ``PREC``: ``"ieee"``, ``"tf32"`` (operands rounded to tf32 on
-    the GPU), ``"tf32-trunc"`` (internal: tf32 as the tensor cores read fp32, truncated; the tiled
-    backward's phases, where rounding cost 9-13 % of a W1 training step and the gradients' error
+    the GPU), ``"tf32-trunc"`` (internal: tf32 as the tensor cores read fp32, truncated; the backward
+    kernels, ``fused.backward_prec``, where rounding cost 9-13 % of a W1 training step and the gradients' error
     with truncation did not grow with the length, 2k to 32k, RESULTS.md) or ``"bf16"``."""
     if PREC == "tf32" and _TF32_ROUND:
         r = tl.dot(_round_tf32(a), _round_tf32(b), input_precision="tf32")

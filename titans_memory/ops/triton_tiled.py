@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
 from .barrier_check import apply_check, validate_check
-from .fused import TRITON_ACTIVATIONS, _device_of, interpret_mode
+from .fused import TRITON_ACTIVATIONS, _device_of, backward_prec, interpret_mode
 from .mlp import MemoryMLPSpec
 from .triton_persistent_kernels import _bwd_kernel, _fwd_persistent_kernel
 from .triton_retrieval_kernels import _segment_output_kernel, _segment_retrieval_kernel
@@ -72,12 +72,9 @@ def default_n_tiles(hidden: int) -> int:
 
 
 def _backward_prec(precision: str) -> str:
-    """The backward phases' ``PREC``: ``"tf32"`` there multiplies the operands as the tensor cores
-    read them (truncated, ``"tf32-trunc"`` of ``triton_kernels._mm``); the forward, the recompute
-    and the retrieval round them. Measured at W1 (H200, RESULTS.md): rounding in the backward too
-    cost 9-13 % of the training step; the gradients' error with the truncating backward is reported
-    there next to the all-rounded one."""
-    return "tf32-trunc" if precision == "tf32" else precision
+    """The backward phases' ``PREC`` (:func:`~titans_memory.ops.fused.backward_prec`: truncated tf32);
+    looked up here at each launch, so a measurement can replace it (``--diag-tf32``)."""
+    return backward_prec(precision)
 
 
 def _check_precision(precision: str) -> None:
