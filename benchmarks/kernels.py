@@ -557,7 +557,7 @@ def run_aot_tiled(tiles=(4, 8)) -> int:
     (3.6) on the path for figures that hold there: shared memory differs between versions."""
     from titans_memory.ops import triton_persistent_kernels as TP
     from titans_memory.ops import triton_tiled_kernels as TT
-    from titans_memory.ops.triton_tiled import _backward_prec
+    from titans_memory.ops.fused import backward_prec
 
     _aot_header()
     ok = True
@@ -586,11 +586,11 @@ def run_aot_tiled(tiles=(4, 8)) -> int:
             (TT._bwd_segment_kernel, dict(PHASE=TT.SEG_STATE, FREE=True, MERGE=True), 8,
              f"segment walk phase {TT.SEG_STATE}, MERGE (STATE_MERGE)"),
             # the phases over a segment's chunks at 4 warps (SEGMENT_PHASE_WARPS), tf32 and bf16
-            *((TT._bwd_segment_kernel, dict(PHASE=ph, FREE=True, PREC=_backward_prec(pr)), 4,
+            *((TT._bwd_segment_kernel, dict(PHASE=ph, FREE=True, PREC=backward_prec(pr)), 4,
                f"segment walk phase {ph}, {pr}") for ph in (1, 2, 3, 7) for pr in ("tf32", "bf16")),
         ):
             if fn in (TP._bwd_kernel, TT._bwd_segment_kernel) and "PREC" not in extra:
-                extra = dict(extra, PREC=_backward_prec(TT.PREC))  # the backward's phases: truncated tf32
+                extra = dict(extra, PREC=backward_prec(TT.PREC))  # the backward's phases: truncated tf32
             consts = {k: v for k, v in dict(base, **extra).items() if k in fn.arg_names}
             ok &= _aot_compile(fn, consts, nw, f"tiled x{n} {label}")
     print("aot:", "PASS" if ok else "FAIL")

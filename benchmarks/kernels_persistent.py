@@ -544,7 +544,7 @@ def ncu_one(which: str, T: int = 8192) -> None:
 
 def diag_tf32(lengths=(2048, 8192, 32768)) -> None:
     """tf32 operand rounding: the default (rounded in the forward, the recompute and the retrieval,
-    truncated in the backward's phases, ``_backward_prec``), rounded everywhere, and, when
+    truncated in the backward's phases, ``fused.backward_prec``), rounded everywhere, and, when
     ``TITANS_TF32_TRUNCATE=1`` is in the environment (read at import: run this again with it),
     truncated everywhere. At W1 shapes, clip 1.0, per length: the training operator's relative error
     against the chunked form in fp64 (output, final state, the largest over the gradients of every
@@ -552,7 +552,7 @@ def diag_tf32(lengths=(2048, 8192, 32768)) -> None:
     import titans_memory.ops.triton_tiled as tt
     from titans_memory.ops import triton_kernels as tk
 
-    default_bwd = tt._backward_prec
+    default_bwd = tt.backward_prec  # as triton_tiled looks it up at each launch
     modes = ([("rounded, backward truncated (default)", default_bwd), ("rounded everywhere", lambda p: p)]
              if tk._TF32_ROUND else [("truncated everywhere", default_bwd)])
     print(f"\n# tf32 operands, W1 shapes, clip 1.0, {device_name()}")
@@ -574,7 +574,7 @@ def diag_tf32(lengths=(2048, 8192, 32768)) -> None:
         x = [t.detach().float().requires_grad_() for t in args + W + S]
         fwd = lambda: neural_memory_tiled_triton_train(*x[:6], x[6:8], x[8:], SPEC, CHUNK, 1.0)  # noqa: E731
         for mode, bwd in modes:
-            tt._backward_prec = bwd
+            tt.backward_prec = bwd
             clear_backward_graphs()
             o, Wt, St = fwd()
             g = torch.autograd.grad(o, x, cot.float())
@@ -586,7 +586,7 @@ def diag_tf32(lengths=(2048, 8192, 32768)) -> None:
             sb, _ = _time_step(lambda: torch.autograd.grad(fwd()[0], x[:6], cot.float()), 30.0, budget_s=1.5)
             print(f"| {mode} | {T} | {eo:.2e} | {ew:.2e} | {es:.2e} | {eg[i]:.2e} ({names[i]}) | {sb * 1e3:.2f} |",
                   flush=True)
-        tt._backward_prec = default_bwd
+        tt.backward_prec = default_bwd
         del gref, ro, rW, rS, x, g
         clear_backward_graphs()
         torch.cuda.empty_cache()

@@ -9,9 +9,11 @@ against the Triton walk kernel (``_fwd_persistent_kernel`` of the split forward)
 2. checks it against the chunked PyTorch form in fp64: the final state, the stored chunk-start
    states of four chunks, ``delta2`` and the clipped ``theta`` of every token (relative Frobenius
    error), next to the Triton operator's final-state error on the same inputs;
-3. times it (CUDA events, one launch per sequence) with 32, 16 and 8 heads and with the stores of
-   the chunk-start states left out, and times the Triton walk kernel on the same inputs (CUDA
-   profiler, as ``kernels_persistent.py --diag-walk-parts``).
+3. times it (CUDA events, one launch per sequence) with 32, 16 and 8 heads, with the stores of
+   the chunk-start states left out, and a 16-warp build; times the Triton walk kernel on the same
+   inputs (CUDA profiler, as ``kernels_persistent.py --diag-walk-parts``);
+4. splits one CTA's time per chunk into the stretches between its barriers (thread 0's
+   ``clock64``), and times 20-32 heads to find how many clusters are resident at once.
 
 Needs a Hopper GPU and nvcc. ``python benchmarks/walk_cuda.py [--T 8192] [--clip 1.0]``.
 ``--emulate-cpu --T 1024 8192`` (no GPU): the chunked walk with its matmul operands truncated or
@@ -32,9 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import B, CHUNK, HEAD_DIM, HEADS, _inputs, device_name, gpu_kernels  # noqa: E402
+from kernels import B, CHUNK, HEAD_DIM, HEADS, _inputs, _rel, device_name, gpu_kernels  # noqa: E402
 from titans_memory.ops.chunked import chunk_coefficients  # noqa: E402
-from titans_memory.ops.mlp import MemoryMLPSpec, clip_scale, key_gradients  # noqa: E402
+from titans_memory.ops.mlp import MemoryMLPSpec, clip_scale  # noqa: E402
 
 SPEC = MemoryMLPSpec("silu", residual=True)
 SOURCE = Path(__file__).resolve().parent / "cuda" / "walk_fwd.cu"
@@ -102,26 +104,33 @@ def gate_coefficients(theta, eta, alpha):
             torch.stack([beta[..., -1], g[..., -1], E[..., -1]], -1).contiguous())
 
 
-def reference_walk(k, v, theta, eta, alpha, W, S, clip, keep):
-    """The chunked form's state walk in the inputs' dtype: the final state, the chunk-start states
-    of the chunks in ``keep``, ``delta2`` and the clipped ``theta`` of every token."""
+def reference_walk(k, v, theta, eta, alpha, W, S, clip, keep, mm=torch.matmul):
+    """The chunked form's state walk (depth 2, SiLU, residual) in the inputs' dtype, every matmul
+    through ``mm``: the final state, the chunk-start states of the chunks in ``keep``, ``delta2``
+    and the clipped ``theta`` of every token."""
     W, S = list(W), list(S)
-    kept, d2, th = {}, [], []
+    kept, d2s, ths = {}, [], []
     for n in range(k.shape[1] // CHUNK):
         sl = slice(n * CHUNK, (n + 1) * CHUNK)
         if n in keep:
             kept[n] = [t.clone() for t in W + S]
-        hs, deltas = key_gradients(k[:, sl], v[:, sl], W, SPEC)
+        kn = k[:, sl]
+        z = mm(kn, W[0])
+        h = torch.nn.functional.silu(z)
+        d2 = 2 * (mm(h, W[1]) + kn - v[:, sl])
+        sg = torch.sigmoid(z)
+        d1 = mm(d2, W[1].transpose(-1, -2)) * sg * (1 + z * (1 - sg))
+        hs, deltas = [kn, h], [d1, d2]
         t = theta[:, sl] * clip_scale(hs, deltas, clip) if clip is not None else theta[:, sl]
         beta, g, Cm, E, Dm = chunk_coefficients(t, eta[:, sl], alpha[:, sl])
         c_last, m_last = Cm[:, -1, :, None], (t * Dm[:, -1, :])[..., None]
         b, gg, e = beta[:, -1, None, None], g[:, -1, None, None], E[:, -1, None, None]
-        Wn = [b * w + gg * s - h.transpose(-1, -2) @ (c_last * dl) for w, s, h, dl in zip(W, S, hs, deltas)]
-        S = [e * s - h.transpose(-1, -2) @ (m_last * dl) for s, h, dl in zip(S, hs, deltas)]
+        Wn = [b * w + gg * s - mm(x.transpose(-1, -2), c_last * dl) for w, s, x, dl in zip(W, S, hs, deltas)]
+        S = [e * s - mm(x.transpose(-1, -2), m_last * dl) for s, x, dl in zip(S, hs, deltas)]
         W = Wn
-        d2.append(deltas[1])
-        th.append(t)
-    return W + S, kept, torch.cat(d2, 1), torch.cat(th, 1)
+        d2s.append(d2)
+        ths.append(t)
+    return W + S, kept, torch.cat(d2s, 1), torch.cat(ths, 1)
 
 
 def _tf32(x, mode: str):
@@ -136,50 +145,27 @@ def _tf32(x, mode: str):
 
 
 def emulate_tf32(T: int, heads: int = 4, clip: float = 1.0) -> None:
-    """CPU emulation of the walk's tf32 operands, truncated against rounded: the chunked state walk
+    """CPU emulation of the walk's tf32 operands, truncated against rounded: :func:`reference_walk`
     in fp64 with every matmul operand first truncated or rounded to tf32 (W1 shapes, ``heads``
-    heads), final state's relative error against the exact fp64 walk."""
+    heads), the final state's relative error against the exact fp64 walk."""
     args, W, S = _inputs(1, heads, T, HEAD_DIM, 2, 4, torch.device("cpu"), seed=3)
     k, v = (t.reshape(heads, T, HEAD_DIM) for t in args[1:3])
     th, et, al = (t.reshape(heads, T) for t in args[3:6])
     W0 = [w.reshape(heads, *w.shape[2:]) for w in W]
     S0 = [s.reshape(heads, *s.shape[2:]) for s in S]
-
-    def walk(mode):
-        Wl, Sl = list(W0), list(S0)
-        mm = lambda a, b: _tf32(a, mode) @ _tf32(b, mode)  # noqa: E731
-        for n in range(T // CHUNK):
-            sl = slice(n * CHUNK, (n + 1) * CHUNK)
-            kn, vn = k[:, sl], v[:, sl]
-            z = mm(kn, Wl[0])
-            h = torch.nn.functional.silu(z)
-            d2 = 2 * (mm(h, Wl[1]) + kn - vn)
-            sg = torch.sigmoid(z)
-            d1 = mm(d2, Wl[1].transpose(-1, -2)) * sg * (1 + z * (1 - sg))
-            t = th[:, sl] * clip_scale([kn, h], [d1, d2], clip)
-            beta, g, Cm, E, Dm = chunk_coefficients(t, et[:, sl], al[:, sl])
-            cl, ml = Cm[:, -1, :, None], (t * Dm[:, -1, :])[..., None]
-            b, gg, e = beta[:, -1, None, None], g[:, -1, None, None], E[:, -1, None, None]
-            Wn = [b * w + gg * s - mm(x.transpose(-1, -2), cl * dl) for w, s, x, dl in zip(Wl, Sl, [kn, h], [d1, d2])]
-            Sl = [e * s - mm(x.transpose(-1, -2), ml * dl) for s, x, dl in zip(Sl, [kn, h], [d1, d2])]
-            Wl = Wn
-        return Wl + Sl
-
+    walk = lambda mode: reference_walk(  # noqa: E731
+        k, v, th, et, al, W0, S0, clip, (), mm=lambda a, b: _tf32(a, mode) @ _tf32(b, mode))[0]
     ref = walk("fp64")
     for mode in ("trunc", "rna"):
         errs = [_rel(a, b) for a, b in zip(walk(mode), ref)]
         print(f"| {mode} | {T} | " + " | ".join(f"{e:.2e}" for e in errs) + " |", flush=True)
 
 
-def _rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def main(T: int, clip, walk: CudaWalk, other: CudaWalk) -> None:
     dev = torch.device("cuda")
     args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, dev, seed=3)
     BH, nc = B * HEADS, T // CHUNK
-    q, k, v = (t.reshape(BH, T, HEAD_DIM) for t in args[:3])
+    k, v = (t.reshape(BH, T, HEAD_DIM) for t in args[1:3])
     theta, eta, alpha = (t.reshape(BH, T) for t in args[3:6])
     W = [w.reshape(BH, *w.shape[2:]) for w in W]
     S = [s.reshape(BH, *s.shape[2:]) for s in S]

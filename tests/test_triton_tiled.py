@@ -374,7 +374,7 @@ def test_segment_phase_knobs_reach_only_the_phases_over_all_chunks(monkeypatch):
     grads = torch.autograd.grad((o * cot).sum(), leaves)
     parallel = (tt.SEG_KEYS, tt.SEG_NORMS, tt.SEG_RETRIEVAL, tt.SEG_COEFFS_PRE)
     assert {(w, p) for ph, w, p in launches if ph in parallel} == {(4, "ieee")}
-    assert {(w, p) for ph, w, p in launches if ph not in parallel} == {(8, tt._backward_prec(tt.PREC))}
+    assert {(w, p) for ph, w, p in launches if ph not in parallel} == {(8, tt.backward_prec(tt.PREC))}
     ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
     ro = neural_memory_chunked(*ref_leaves[:6], ref_leaves[6:8], ref_leaves[8:], spec, CHUNK, 0.05)[0]
     ref = torch.autograd.grad((ro * cot.double()).sum(), ref_leaves)
@@ -388,8 +388,8 @@ def test_backward_phases_multiply_tf32_unrounded_and_the_forward_rounded(monkeyp
     import titans_memory.ops.triton_tiled as tt
 
     assert tt.PREC == "tf32"
-    assert tt._backward_prec("tf32") == "tf32-trunc"
-    assert [tt._backward_prec(p) for p in ("ieee", "bf16")] == ["ieee", "bf16"]
+    assert tt.backward_prec("tf32") == "tf32-trunc"
+    assert [tt.backward_prec(p) for p in ("ieee", "bf16")] == ["ieee", "bf16"]
     seen = {"walk": set(), "backward": set()}
     real_bwd, real_fwd = tt._bwd_segment_kernel, tt._update_kernel
 

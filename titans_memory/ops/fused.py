@@ -85,9 +85,9 @@ def backward_prec(precision: str) -> str:
     """The ``PREC`` of the backward kernels' launches: ``"tf32"`` there multiplies the operands as the
     tensor cores read them (truncated, ``"tf32-trunc"`` of ``triton_kernels._mm``), while the forward,
     the recompute and the retrieval round them. Measured at W1 with the tiled kernels (H200,
-    RESULTS.md, eighth session): rounding in the backward too cost 9-13 % of the training step;
-    with the truncating backward the gradients' worst error was 3.3e-3 (4.4e-4 all rounded, 2.5e-3
-    all truncated), flat from 2k to 32k."""
+    RESULTS.md, eighth session): rounding in the backward too made the layer's training step 10-11 %
+    slower at 8k (the operator's fwd+bwd 12-13 % at 8k and 32k, under 1 % at 2k); with the truncating backward the
+    gradients' worst error was 3.3e-3 (4.4e-4 all rounded, 2.5e-3 all truncated) from 2k to 32k."""
     return "tf32-trunc" if precision == "tf32" else precision
 
 _kernels = None

@@ -46,7 +46,7 @@ import triton.language as tl
 _EMU_BF16 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 # tf32 operands are rounded on the GPU only: the interpreter multiplies fp32 operands in fp32, so
 # it has no truncation to correct. Diagnostics only: TITANS_TF32_TRUNCATE=1 (read at import) leaves
-# them unrounded on the GPU, to measure what the rounding changes (benchmarks/walk_cuda.py).
+# them unrounded on the GPU, to measure what the rounding changes (kernels_persistent.py --diag-tf32).
 _TF32_ROUND = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1"
                            and os.environ.get("TITANS_TF32_TRUNCATE", "0") != "1")
 _TINY = tl.constexpr(1e-20)
@@ -76,9 +76,8 @@ def _round_tf32(x):
 @triton.jit
 def _mm(a, b, PREC: tl.constexpr):
     """``a @ b`` with fp32 accumulation. ``PREC``: ``"ieee"``, ``"tf32"`` (operands rounded to tf32 on
-    the GPU), ``"tf32-trunc"`` (internal: tf32 as the tensor cores read fp32, truncated; the backward
-    kernels, ``fused.backward_prec``, where rounding cost 9-13 % of a W1 training step and the gradients' error
-    with truncation did not grow with the length, 2k to 32k, RESULTS.md) or ``"bf16"``."""
+    the GPU), ``"tf32-trunc"`` (internal: tf32 as the tensor cores read fp32, truncated; what the
+    backward kernels take for ``"tf32"``, ``fused.backward_prec``) or ``"bf16"``."""
     if PREC == "tf32" and _TF32_ROUND:
         r = tl.dot(_round_tf32(a), _round_tf32(b), input_precision="tf32")
     elif PREC == "tf32-trunc":

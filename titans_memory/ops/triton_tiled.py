@@ -71,12 +71,6 @@ def default_n_tiles(hidden: int) -> int:
     return max(1, hidden // max(1, min(64, hidden // 2)))
 
 
-def _backward_prec(precision: str) -> str:
-    """The backward phases' ``PREC`` (:func:`~titans_memory.ops.fused.backward_prec`: truncated tf32);
-    looked up here at each launch, so a measurement can replace it (``--diag-tf32``)."""
-    return backward_prec(precision)
-
-
 def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -480,7 +474,7 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
     BH, NT = cfg.BH, cfg.NT
     dev = xs[0].device
     meta = dict(BC=cfg.BC, D=cfg.d, F=cfg.hid, BF=cfg.BF, ACT=cfg.spec.activation, RES=bool(cfg.spec.residual),
-                CLIP=cfg.CLIP, PREC=_backward_prec(cfg.bwd_prec), num_warps=cfg.bwd_warps, num_stages=1)
+                CLIP=cfg.CLIP, PREC=backward_prec(cfg.bwd_prec), num_warps=cfg.bwd_warps, num_stages=1)
     if _uses_segment_walk(cfg, per_phase):
         seg = (*xs, *gates, go, dv, dth, det, dal, *starts, *adj,
                *(scr[name] for name in ("P", "N", "XH", "DN1", "GT", "DQ", "DK", "X1", "DA1", "ZS", "US", "D2S",
