@@ -735,7 +735,7 @@ def _has_triton() -> bool:
 # matmuls per chunk and head in the W1 kernels (clip on): forward 66, segment recompute 40,
 # backward 185, each 64 x 64 x 64 (see titans_memory/ops/fused.py)
 MEM_FLOP_PER_TOKEN = 291 * 2 * 64**3 / CHUNK * HEADS
-TF32_PEAK_PER_SM = 494.7e12 / 132  # H100 SXM dense tf32
+TF32_PEAK_PER_SM = 494.7e12 / 132  # H100 SXM dense tf32 (the H200 has the same SMs)
 
 
 def limits_text(rows: List[dict]) -> str:
@@ -747,8 +747,8 @@ def limits_text(rows: List[dict]) -> str:
         tflops = tps * MEM_FLOP_PER_TOKEN / 1e12
         achieved = (f" Measured: {tps / 1e6:.2f} M tok/s at 8k is about {tflops:.0f} TFLOP/s in the memory "
                     f"kernels ({MEM_FLOP_PER_TOKEN / 1e6:.1f} MFLOP/token: the matmuls of the fused kernels, projections excluded), "
-                    f"{100 * tflops * 1e12 / (132 * TF32_PEAK_PER_SM):.1f}% of the dense tf32 peak of a 132-SM "
-                    "H100.")
+                    f"{100 * tflops * 1e12 / (132 * TF32_PEAK_PER_SM):.1f}% of the dense tf32 peak of the "
+                    "H100's and H200's 132 SMs.")
     except (KeyError, ValueError):
         pass
     return (
