@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -592,6 +593,122 @@ def diag_tf32(lengths=(2048, 8192, 32768)) -> None:
         torch.cuda.empty_cache()
 
 
+def diag_segments(lengths=(8192, 32768), layer_lengths=(8192,)) -> None:
+    """Memory for speed: the training operator with more chunks per segment (``segment_chunks``,
+    default ``ceil(sqrt(n_chunks))``). The backward recomputes every segment's chunk-start states
+    but the last's, so longer segments recompute fewer chunks (none with one segment) and hold
+    more states (8 MiB per chunk at W1, plus the backward's per-chunk scratch and its CUDA
+    graph's copy of the kept states). At W1 shapes, clip 1.0: fwd+bwd time, peak memory and the
+    largest gradient distance from the default; then the W1 layer at ``layer_lengths``."""
+    print(f"\n# chunks per segment, W1 shapes, clip 1.0, {device_name()}")
+    print("| T | chunks per segment | segments | recomputed chunks | fwd+bwd ms | peak GiB | max grad distance from the default |")
+    print("|---|---|---|---|---|---|---|")
+    for T in lengths:
+        x, cot = _w1_operator_inputs(T)
+        n = -(-T // CHUNK)
+        base = max(1, math.ceil(math.sqrt(n)))  # the default (_TrainCfg)
+        ref = None
+        for K in [base] + sorted({2 * base, n // 4, n // 2, n} - {base}):  # the default first: the reference
+            if not 1 <= K <= n:
+                continue
+            fwd = lambda: neural_memory_tiled_triton_train(*x[:6], x[6:8], x[8:], SPEC, CHUNK, 1.0,  # noqa: E731
+                                                           segment_chunks=K)[0]
+            try:
+                g = torch.autograd.grad(fwd(), x, cot)
+                dist = "-" if ref is None else f"{max(_rel(a, b) for a, b in zip(g, ref)):.2e}"
+                ref = g if ref is None else ref
+                sb, peak = _time_step(lambda: torch.autograd.grad(fwd(), x[:6], cot), 30.0, budget_s=1.5)
+                seg = -(-n // K)
+                print(f"| {T} | {K} | {seg} | {n - min(K, n - (seg - 1) * K)} | {sb * 1e3:.2f} | {peak:.3f} | {dist} |",
+                      flush=True)
+            except torch.OutOfMemoryError:
+                print(f"| {T} | {K} | | | OOM | | |", flush=True)
+            g = None
+            clear_backward_graphs()
+            torch.cuda.empty_cache()
+        del x, cot, ref
+        torch.cuda.empty_cache()
+    _layer_segments(layer_lengths)
+
+
+def _layer_segments(lengths) -> None:
+    """The W1 layer's training step (as ``kernels.py``'s ``ours_triton`` row) with
+    ``MemoryConfig.segment_chunks``: synchronised per step and 20 steps back to back; the peak
+    memory of the second step (as ``kernels.py`` reports it: the backward graph's capture) and of
+    a later one (replays)."""
+    from kernels import D_MODEL
+
+    from titans_memory import MemoryConfig, NeuralMemory
+
+    print(f"\n# W1 layer with MemoryConfig.segment_chunks, {device_name()}")
+    print("| T | segment_chunks | M tok/s (synchronised) | peak GiB, 2nd step (capture) | peak GiB, later steps | "
+          "M tok/s (back to back) |\n|---|---|---|---|---|---|")
+    dev = torch.device("cuda")
+    for T in lengths:
+        n = -(-T // CHUNK)
+        for K in (None, 32, 64, n):
+            torch.manual_seed(0)
+            layer = NeuralMemory(D_MODEL, HEADS, HEAD_DIM, MemoryConfig(depth=2, expansion=4, chunk_size=CHUNK,
+                                                                       segment_chunks=K), impl="triton_tiled").to(dev)
+            x = torch.randn(B, T, D_MODEL, device=dev)
+            gy = torch.randn(B, T, D_MODEL, device=dev)
+
+            def step():
+                layer.zero_grad(set_to_none=True)
+                (layer(x) * gy).sum().backward()
+            try:
+                sec, peak = _time_step(step, 30.0, budget_s=2.0)  # peak of the 2nd step: the graph's capture
+                bb = _back_to_back(step)
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                torch.cuda.synchronize()
+                steady = torch.cuda.max_memory_allocated() / 2**30
+                print(f"| {T} | {K or 'default'} | {B * T / sec / 1e6:.3f} | {peak:.3f} | {steady:.3f} | "
+                      f"{B * T / bb / 1e6:.3f} |", flush=True)
+            except torch.OutOfMemoryError:
+                print(f"| {T} | {K} | OOM | | | |", flush=True)
+            del layer, x, gy, step
+            clear_backward_graphs()
+            torch.cuda.empty_cache()
+
+
+def _back_to_back(step, n: int = 20, repeats: int = 3) -> float:
+    """Seconds per step of ``n`` steps issued back to back (one wait at the end), best of ``repeats``."""
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(n):
+            step()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / n)
+    return min(times)
+
+
+def diag_back_to_back(lengths=(2048, 8192)) -> None:
+    """The W1 layer's training step as ``kernels.py`` times it (the host waits for each step)
+    against steps issued back to back (20 steps, one wait at the end), as a training loop that
+    does not synchronise every step runs them: the difference is GPU time lost while the host
+    issues the start of a step."""
+    from kernels import _make
+
+    print(f"\n# layer step, synchronised vs back to back, W1, {device_name()}")
+    print("| T | step ms, synchronised (kernels.py) | step ms, 20 back to back | M tok/s back to back |")
+    print("|---|---|---|---|")
+    for T in lengths:
+        step = _make("ours_triton", torch.device("cuda"))(T)
+        sec, _ = _time_step(step, 30.0, budget_s=2.0)
+        bb = _back_to_back(step)
+        print(f"| {T} | {sec * 1e3:.2f} | {bb * 1e3:.2f} | {B * T / bb / 1e6:.3f} |", flush=True)
+        step = None
+        clear_backward_graphs()
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--warm-one", default=None, help=argparse.SUPPRESS)
@@ -608,6 +725,10 @@ def main() -> int:
                    help="warps and operands of the segment walk's parallel phases, at 8k")
     p.add_argument("--diag-tf32", action="store_true",
                    help="errors and time with the tf32 operands rounded (run again with TITANS_TF32_TRUNCATE=1)")
+    p.add_argument("--diag-segments", action="store_true",
+                   help="memory for speed: the training operator with more chunks per segment, at 8k and 32k")
+    p.add_argument("--diag-back-to-back", action="store_true",
+                   help="the layer step synchronised (as kernels.py times it) against steps issued back to back")
     p.add_argument("--diag-bwd", action="store_true", help="GPU time per kernel of a training step and per backward phase")
     p.add_argument("--timed", default=None, help="JSON list of timed variants (default: TIMED)")
     p.add_argument("--checked", default=None, help="JSON list of checked variants (default: CHECKED)")
@@ -636,7 +757,8 @@ def main() -> int:
         return 0 if ok else 1
     for flag, run in ((a.diag_split, diag_split), (a.diag_walk, diag_walk), (a.diag_parallel, diag_parallel),
                       (a.diag_walk_code, diag_walk_code),
-                      (a.diag_walk_parts, diag_walk_parts), (a.diag_tf32, diag_tf32)):
+                      (a.diag_walk_parts, diag_walk_parts), (a.diag_tf32, diag_tf32),
+                      (a.diag_segments, diag_segments), (a.diag_back_to_back, diag_back_to_back)):
         if flag:
             torch.backends.cuda.matmul.allow_tf32 = True
             run()

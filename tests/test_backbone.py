@@ -182,6 +182,40 @@ def test_config_validation():
         TitansConfig.from_dict({"d_model": 8, "bogus": 1})
 
 
+@pytest.mark.parametrize("bad", [0, -2, True, 2.5, "4"])
+def test_segment_chunks_must_be_a_positive_integer(bad):
+    with pytest.raises(ConfigError, match="segment_chunks"):
+        MemoryConfig(segment_chunks=bad)
+
+
+def test_segment_chunks_reaches_the_operator_and_leaves_the_result(monkeypatch):
+    """``MemoryConfig.segment_chunks`` reaches the checkpointed operator (recorded by a wrapper
+    around the real one) and changes only what is kept and recomputed: outputs and gradients
+    equal the default's (fp64, 1e-12) with segments of 1 and 3 chunks over 5 chunks."""
+    import titans_memory.ops as ops
+
+    seen = []
+    real = ops.neural_memory_checkpointed
+
+    def wrapper(*args, **kw):
+        seen.append(kw.get("segment_chunks"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ops, "neural_memory_checkpointed", wrapper)
+    results = []
+    for K in (None, 1, 3):
+        torch.manual_seed(3)
+        model = TitansBackbone(small_config("lmm", impl="checkpointed", segment_chunks=K)).double()
+        x = torch.randn(2, 19, 24, dtype=F64, requires_grad=True)
+        y = model(x)
+        results.append((y, *torch.autograd.grad(y.pow(2).sum(), [x, *model.parameters()])))
+        assert seen and set(seen) == {K}, seen
+        seen.clear()
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert (a - b).abs().max().item() < 1e-12
+
+
 def test_memory_impl_from_config_same_function():
     """``MemoryConfig.impl="checkpointed"`` (memory-light) gives the chunked path's outputs and
     gradients (fp64, 1e-12)."""

@@ -549,6 +549,46 @@ def test_kernel_precision_reaches_the_tiled_kernels(monkeypatch, kernel_precisio
         neural_memory(*gates, W, S, spec, CHUNK, 0.05, impl="triton_tiled", kernel_precision="fp16")
 
 
+@pytest.mark.parametrize("impl, module, name", [("triton_tiled", "titans_memory.ops.triton_tiled",
+                                                 "neural_memory_tiled_triton_train"),
+                                                ("triton", "titans_memory.ops", "neural_memory_triton")])
+def test_segment_chunks_reaches_the_kernels_and_leaves_the_gradients(monkeypatch, impl, module, name):
+    """``neural_memory(segment_chunks=...)`` (``MemoryConfig.segment_chunks``) reaches the training
+    drivers of the tiled and the fused kernels (recorded by a wrapper around the real driver),
+    and the gradients with one segment over the 3 chunks (nothing recomputed) or segments of one
+    chunk equal the default's (2 chunks per segment) to 1e-6 relative; a bad value is refused."""
+    import importlib
+
+    import titans_memory.ops as ops
+
+    module = importlib.import_module(module)
+    seen = []
+    real = getattr(module, name)
+
+    def wrapper(*args, **kw):
+        seen.append(kw.get("segment_chunks"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(module, name, wrapper)
+    torch.manual_seed(6)
+    xs, W, S = make_inputs(B=1, H=2)
+    spec = MemoryMLPSpec("silu", True)
+    grads = []
+    for K in (None, 3, 1):
+        leaves = [t.clone().requires_grad_(True) for t in (*xs, *W, *S)]
+        o, Wt, St = ops.neural_memory(*leaves[:6], leaves[6:8], leaves[8:], spec, CHUNK, 0.05, impl=impl,
+                                      segment_chunks=K)
+        loss = o.pow(2).sum() + sum((t * t).sum() for t in (*Wt, *St))
+        grads.append(torch.autograd.grad(loss, leaves))
+        assert seen == [K], seen
+        seen.clear()
+    for other in grads[1:]:
+        for a, b in zip(other, grads[0]):
+            assert rel_err(a, b) < 1e-6
+    with pytest.raises(ConfigError, match="segment_chunks"):
+        ops.neural_memory(*xs, W, S, spec, CHUNK, 0.05, impl=impl, segment_chunks=0)
+
+
 @pytest.mark.parametrize("retrieval_tiles", [1, 2, 4])
 def test_split_forward_equals_chunked_with_any_retrieval_tiling(retrieval_tiles):
     """The split forward (``_forward_segments``: the persistent walk without outputs, stashing

@@ -14,6 +14,14 @@ ACTIVATIONS = ("silu", "gelu", "relu", "identity")
 KERNEL_PRECISIONS = ("tf32", "bf16", "bf16-forward")
 
 
+def validate_segment_chunks(segment_chunks: Optional[int]) -> None:
+    """``segment_chunks`` (:class:`MemoryConfig`) is ``None`` or an integer >= 1."""
+    if segment_chunks is not None and (
+        isinstance(segment_chunks, bool) or not isinstance(segment_chunks, int) or segment_chunks < 1
+    ):
+        raise ConfigError(f"segment_chunks must be None or an integer >= 1, got {segment_chunks!r}")
+
+
 @dataclass
 class MemoryConfig:
     """The neural long-term memory (LMM) of one layer.
@@ -45,6 +53,15 @@ class MemoryConfig:
             tensor cores read them, truncated, in the backward's phases), ``"bf16"``, or
             ``"bf16-forward"`` (bf16 in the forward passes, tf32 in the backward's gradient walk;
             the fastest measured on an H200). See :mod:`titans_memory.ops`.
+        segment_chunks: memory for speed in training with the Triton kernels and
+            ``"checkpointed"``: a training call keeps the state at the start of every
+            ``segment_chunks``-th chunk, and its backward recomputes each segment's states but
+            the last one's. ``None``: ``ceil(sqrt(n_chunks))``, the least memory. Longer
+            segments recompute fewer chunks (none when one segment covers the sequence) and hold
+            more states: at W1 shapes about 22 MiB of peak per chunk of segment. Measured on an
+            H200 for the W1 layer at 8k (``benchmarks/RESULTS.md``, ninth session): 64 chunks
+            6-7 % faster with a 3.8 GiB peak instead of 1.8, one segment (128) 11-13 % faster
+            with 6.4 GiB. The result does not depend on it.
     """
 
     depth: int = 2
@@ -62,6 +79,7 @@ class MemoryConfig:
     max_update_norm: Optional[float] = 1.0
     impl: str = "auto"
     kernel_precision: str = "tf32"
+    segment_chunks: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.depth <= 4:
@@ -88,6 +106,7 @@ class MemoryConfig:
             raise ConfigError(f"kernel_precision must be one of {KERNEL_PRECISIONS}, got {self.kernel_precision!r}")
         if self.max_update_norm is not None and self.max_update_norm <= 0:
             raise ConfigError(f"max_update_norm must be > 0 or None, got {self.max_update_norm}")
+        validate_segment_chunks(self.segment_chunks)
 
 
 @dataclass

@@ -140,7 +140,7 @@ class NeuralMemory(nn.Module):
             q, k, v, gates["theta"], gates["eta"], gates["alpha"], weights, momentum,
             spec=self.spec, chunk_size=self.config.chunk_size,
             max_update_norm=self.config.max_update_norm, impl=self.impl,
-            kernel_precision=self.config.kernel_precision,
+            kernel_precision=self.config.kernel_precision, segment_chunks=self.config.segment_chunks,
         )
 
     # ----------------------------------------------------------------------------------------

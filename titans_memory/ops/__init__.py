@@ -53,7 +53,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..config import KERNEL_PRECISIONS
+from ..config import KERNEL_PRECISIONS, validate_segment_chunks
 from .barrier_check import raise_pending_barrier_timeouts
 from .checkpointed import neural_memory_checkpointed
 from .chunked import neural_memory_chunked
@@ -102,18 +102,23 @@ def neural_memory(
     max_update_norm: Optional[float] = None,
     impl: str = "auto",
     kernel_precision: str = "tf32",
+    segment_chunks: Optional[int] = None,
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """Update-and-retrieve over a sequence; see :mod:`titans_memory.ops.chunked` for the maths.
 
     ``impl``: ``"auto"``, ``"triton"``, ``"checkpointed"``, ``"torch"`` or ``"naive"`` (see the
     module docstring). All compute the same function; gradients flow to every tensor argument.
     ``kernel_precision``: matmul operands of the Triton kernels, one of ``KERNEL_PRECISIONS``
-    (module docstring).
+    (module docstring). ``segment_chunks``: chunks between the states a training call keeps
+    for its backward (``"triton"``, ``"triton_tiled"``, ``"checkpointed"``; ``None``: their
+    default ``ceil(sqrt(n_chunks))``; ``MemoryConfig.segment_chunks``). The others keep no
+    segments and ignore it.
     """
     if kernel_precision not in KERNEL_PRECISIONS:
         from ..errors import ConfigError
 
         raise ConfigError(f"kernel_precision must be one of {KERNEL_PRECISIONS}, got {kernel_precision!r}")
+    validate_segment_chunks(segment_chunks)
     wants_grad = _wants_grad(q, k, v, theta, eta, alpha, *weights, *(momentum or ()))
     # the operands of the forward passes, and of the backward's walk (tiled) / of a training call (fused)
     fwd_prec = "tf32" if kernel_precision == "tf32" else "bf16"
@@ -132,7 +137,7 @@ def neural_memory(
     if impl == "triton":
         return neural_memory_triton(
             q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size, max_update_norm,
-            precision=bwd_prec if wants_grad else fwd_prec,
+            segment_chunks=segment_chunks, precision=bwd_prec if wants_grad else fwd_prec,
         )
     if impl == "triton_tiled":
         if not triton_available():
@@ -148,11 +153,12 @@ def neural_memory(
                 precision=fwd_prec)
         return neural_memory_tiled_triton_train(
             q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size, max_update_norm,
-            n_tiles=n_tiles, precision=fwd_prec, bwd_precision=bwd_prec,
+            n_tiles=n_tiles, segment_chunks=segment_chunks, precision=fwd_prec, bwd_precision=bwd_prec,
         )
     if impl == "checkpointed":
         return neural_memory_checkpointed(
-            q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size, max_update_norm
+            q, k, v, theta, eta, alpha, weights, momentum, spec, chunk_size, max_update_norm,
+            segment_chunks=segment_chunks,
         )
     if impl == "naive":
         return neural_memory_recurrent(
