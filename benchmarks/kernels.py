@@ -220,15 +220,17 @@ def _time_step(step: Callable[[], None], max_step_s: float, budget_s: float = 4.
     return statistics.median(times), peak
 
 
-def _make(impl: str, dev):
-    """(setup(T) -> step) for an impl, or raise ImportError for a missing peer."""
+def _make(impl: str, dev, segment_chunks=None):
+    """(setup(T) -> step) for an impl, or raise ImportError for a missing peer. ``segment_chunks``:
+    ``MemoryConfig.segment_chunks`` of our layer rows."""
     torch.manual_seed(0)
     if impl in ("ours_triton", "ours_triton_bf16fwd", "ours_torch", "ours_triton_stream", "ours_triton_fused",
                 "ours_triton_fused_stream"):
         which = {"ours_torch": "torch"}.get(impl, "triton" if "fused" in impl else "triton_tiled")
         prec = "bf16-forward" if impl == "ours_triton_bf16fwd" else "tf32"
         layer = NeuralMemory(D_MODEL, HEADS, HEAD_DIM, MemoryConfig(depth=2, expansion=4, chunk_size=CHUNK,
-                                                                   kernel_precision=prec), impl=which).to(dev)
+                                                                   kernel_precision=prec, segment_chunks=segment_chunks),
+                            impl=which).to(dev)
 
         def setup(T):
             x = torch.randn(B, T, D_MODEL, device=dev)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from kernels import B, CHUNK, HEAD_DIM, HEADS, TOL, _inputs, _rel, _time_step, device_name, gpu_kernels  # noqa: E402
 from titans_memory.ops import neural_memory_chunked, neural_memory_triton  # noqa: E402
+from titans_memory.ops.checkpointed import default_segment_chunks  # noqa: E402
 from titans_memory.ops.mlp import MemoryMLPSpec  # noqa: E402
 from titans_memory.ops.triton_tiled import (  # noqa: E402
     clear_backward_graphs,
@@ -606,7 +606,7 @@ def diag_segments(lengths=(8192, 32768), layer_lengths=(8192,)) -> None:
     for T in lengths:
         x, cot = _w1_operator_inputs(T)
         n = -(-T // CHUNK)
-        base = max(1, math.ceil(math.sqrt(n)))  # the default (_TrainCfg)
+        base = default_segment_chunks(n)
         ref = None
         for K in [base] + sorted({2 * base, n // 4, n // 2, n} - {base}):  # the default first: the reference
             if not 1 <= K <= n:
@@ -636,26 +636,15 @@ def _layer_segments(lengths) -> None:
     ``MemoryConfig.segment_chunks``: synchronised per step and 20 steps back to back; the peak
     memory of the second step (as ``kernels.py`` reports it: the backward graph's capture) and of
     a later one (replays)."""
-    from kernels import D_MODEL
-
-    from titans_memory import MemoryConfig, NeuralMemory
+    from kernels import _make
 
     print(f"\n# W1 layer with MemoryConfig.segment_chunks, {device_name()}")
     print("| T | segment_chunks | M tok/s (synchronised) | peak GiB, 2nd step (capture) | peak GiB, later steps | "
           "M tok/s (back to back) |\n|---|---|---|---|---|---|")
-    dev = torch.device("cuda")
     for T in lengths:
         n = -(-T // CHUNK)
         for K in (None, 32, 64, n):
-            torch.manual_seed(0)
-            layer = NeuralMemory(D_MODEL, HEADS, HEAD_DIM, MemoryConfig(depth=2, expansion=4, chunk_size=CHUNK,
-                                                                       segment_chunks=K), impl="triton_tiled").to(dev)
-            x = torch.randn(B, T, D_MODEL, device=dev)
-            gy = torch.randn(B, T, D_MODEL, device=dev)
-
-            def step():
-                layer.zero_grad(set_to_none=True)
-                (layer(x) * gy).sum().backward()
+            step = _make("ours_triton", torch.device("cuda"), segment_chunks=K)(T)
             try:
                 sec, peak = _time_step(step, 30.0, budget_s=2.0)  # peak of the 2nd step: the graph's capture
                 bb = _back_to_back(step)
@@ -667,7 +656,7 @@ def _layer_segments(lengths) -> None:
                       f"{B * T / bb / 1e6:.3f} |", flush=True)
             except torch.OutOfMemoryError:
                 print(f"| {T} | {K} | OOM | | | |", flush=True)
-            del layer, x, gy, step
+            step = None
             clear_backward_graphs()
             torch.cuda.empty_cache()
 

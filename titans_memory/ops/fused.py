@@ -66,13 +66,13 @@ part of ``d delta1`` that reaches ``d delta2`` through ``W2``.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from .checkpointed import default_segment_chunks
 from .mlp import MemoryMLPSpec
 
 TRITON_ACTIVATIONS = ("silu", "gelu", "relu", "identity")
@@ -335,7 +335,7 @@ def neural_memory_triton(
         return q.new_zeros(q.shape), W, S
     hid = W[0].shape[-1] if len(W) == 2 else d
     n_chunks = -(-T // chunk_size)
-    K = segment_chunks or max(1, math.ceil(math.sqrt(n_chunks)))
+    K = segment_chunks or default_segment_chunks(n_chunks)
     cfg = _Cfg(B, H, T, d, hid, len(W), spec, chunk_size, K, precision, block_f, num_warps, max_update_norm)
     if hid % cfg.BF:
         raise ConfigError(f"block_f={cfg.BF} must divide the hidden width {hid}")

@@ -15,7 +15,6 @@ Checked on an H200 (``benchmarks/kernels_persistent.py``) and under ``TRITON_INT
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -24,6 +23,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
 from .barrier_check import apply_check, validate_check
+from .checkpointed import default_segment_chunks
 from .fused import TRITON_ACTIVATIONS, _device_of, backward_prec, interpret_mode
 from .mlp import MemoryMLPSpec
 from .triton_persistent_kernels import _bwd_kernel, _fwd_persistent_kernel
@@ -411,7 +411,7 @@ class _TrainCfg:
         # terms of phases 4 and 5's tile work
         self.hoist_free = hoist_coeffs and hoist_free
         self.n_chunks = -(-T // chunk)
-        self.K = segment_chunks or max(1, math.ceil(math.sqrt(self.n_chunks)))
+        self.K = segment_chunks or default_segment_chunks(self.n_chunks)
         self.n_seg = -(-self.n_chunks // self.K)
         self.max_update_norm = max_update_norm
         self.CLIP = max_update_norm is not None
