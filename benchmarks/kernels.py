@@ -582,9 +582,12 @@ def run_aot_tiled(tiles=(4, 8)) -> int:
             (TP._bwd_kernel, dict(PHASE=0), 4, "persistent bwd"),
             (TP._bwd_kernel, dict(PHASE=0), 8, "persistent bwd"),
             (TP._bwd_kernel, dict(PHASE=0, STASH=True), 8, "persistent bwd, stash"),
-            # the default (hoisted coefficients, FREE); PHASE 5 is the walk's phase 4 when not hoisted
-            *((TT._bwd_segment_kernel, dict(PHASE=ph, FREE=ph != TT.SEG_COEFFS), 8, f"segment walk phase {ph}")
-              for ph in range(1, 9)),
+            # the default (hoisted coefficients, FREE, the two-launch walk: AHEAD in phases 4, 6 and 7);
+            # PHASE 5 is the walk's phase 4 when not hoisted, 8 the three-launch walk's
+            *((TT._bwd_segment_kernel, dict(PHASE=ph, FREE=ph != TT.SEG_COEFFS, AHEAD=ph in (4, 6, 7)), 8,
+               f"segment walk phase {ph}") for ph in range(1, 9)),
+            *((TT._bwd_segment_kernel, dict(PHASE=ph, FREE=True, AHEAD=False), 8,
+               f"segment walk phase {ph}, three launches per chunk") for ph in (4, 6, 7)),
             (TT._bwd_segment_kernel, dict(PHASE=TT.SEG_STATE, FREE=True, MERGE=True), 8,
              f"segment walk phase {TT.SEG_STATE}, MERGE (STATE_MERGE)"),
             # the phases over a segment's chunks at 4 warps (SEGMENT_PHASE_WARPS), tf32 and bf16

@@ -46,7 +46,8 @@ from titans_memory.ops.triton_tiled import (  # noqa: E402
 
 SPEC = MemoryMLPSpec("silu", residual=True)
 # (n_tiles, clip, precision, persistent[, bwd_tiles, bwd_warps, stash, bwd_graph, hoist_coeffs,
-# hoist_free, bwd_precision]; defaults n_tiles, 4, False, False, True, True, precision).
+# hoist_free, bwd_precision, walk_launches]; defaults n_tiles, 4, False, False, True, True, precision,
+# None: the default).
 # bf16 operands in the persistent backward are left out: on the H200 (Triton 3.6) it stopped with
 # an illegal memory access (2026-12-01), and that poisons the CUDA context of the run; the segment
 # walk with bf16 operands ran and passed there (2026-12-02).
@@ -60,9 +61,10 @@ SHAPES = [(64, 4, 64), (64, 2, 64), (32, 2, 32), (32, 4, 32), (16, 4, 16)]
 
 
 def _label(v) -> str:
-    n, clip, prec, pers, bt, bw, st, gr, ho, hf, bp = _full(v)
+    n, clip, prec, pers, bt, bw, st, gr, ho, hf, bp, wl = _full(v)
     bwd = f", bwd x{bt} {bw} warps" if (bt, bw) != (n, 4) else ""
     hoist = "" if ho and hf else " (adjoint-free terms not stashed)" if ho else " (coefficients not hoisted)"
+    hoist += f", {wl} launches per chunk" if wl else ""
     walk = (", bwd graph, segment walk" + hoist) if st else ", bwd graph"
     prec = prec if bp == prec else f"{prec} (walk {bp})"
     return (f"x{n} clip {clip} {prec} {'persistent' if pers else 'launch/phase'}{bwd}{', stash' if st else ''}"
@@ -71,18 +73,18 @@ def _label(v) -> str:
 
 def _full(v):
     """(n_tiles, clip, precision, persistent[, bwd_tiles, bwd_warps, stash, bwd_graph, hoist_coeffs,
-    hoist_free, bwd_precision]) with the defaults filled in."""
+    hoist_free, bwd_precision, walk_launches]) with the defaults filled in."""
     n, clip, prec, pers = v[:4]
     flag = lambda i, default=False: bool(v[i]) if len(v) > i else default  # noqa: E731
     return (n, clip, prec, pers, (v[4] if len(v) > 4 else n), (v[5] if len(v) > 5 else 4), flag(6), flag(7),
-            flag(8, True), flag(9, True), (v[10] if len(v) > 10 else prec))
+            flag(8, True), flag(9, True), (v[10] if len(v) > 10 and v[10] else prec), (v[11] if len(v) > 11 else None))
 
 
 def _walk_options(v) -> dict:
     """The keyword arguments of ``neural_memory_tiled_triton_train`` for variant ``v``'s backward."""
-    n, clip, prec, pers, bt, bw, st, gr, ho, hf, bp = _full(v)
+    n, clip, prec, pers, bt, bw, st, gr, ho, hf, bp, wl = _full(v)
     return dict(bwd_tiles=bt, num_warps=(8, bw), stash=st, bwd_graph=gr, hoist_coeffs=ho, hoist_free=hf,
-                bwd_precision=bp)
+                bwd_precision=bp, walk_launches=wl)
 
 
 def _run_variant(v, T, Bq=B, H=HEADS, seed=0, train=True):
@@ -128,7 +130,7 @@ def check(variants, T=1008, full=True) -> bool:
     args, W, S = _inputs(B, HEADS, T, HEAD_DIM, 2, 4, torch.device("cuda"), seed=0)
     refs = {}
     for v in variants:
-        n, clip, prec, pers, _, _, _, graph, _, _, _ = _full(v)
+        n, clip, prec, pers, _, _, _, graph, _, _, _, _ = _full(v)
         t0 = time.perf_counter()
         try:
             if clip not in refs:  # the fp64 reference: outputs and gradients (same cotangents as _run_variant)
@@ -355,6 +357,8 @@ SEG_PREPASS = ["1 keys (all chunks)", "2 norms, stash (all chunks)", "3 retrieva
 
 
 SEG_WALK = ["2a adjoint gate terms", "4 coefficients", "5 state adjoint"]
+# the two-launch walk (walk_launches=2): phase 4's work ahead in 2a and at the start of 5
+SEG_WALK_AHEAD = ["2a adjoint gate terms, phase 4's tile work", "5 state adjoint, phase 4's per-head part"]
 
 
 def diag_parallel(T: int = 8192) -> None:
@@ -500,6 +504,8 @@ def diag_bwd(T: int = 8192, variant=None) -> None:
     for kw in opts:
         graph = kw["bwd_graph"]
         pre = SEG_PREPASS + (["4' coefficients, adjoint-free part (all chunks)"] if kw.get("hoist_coeffs", True) else [])
+        ahead = kw.get("walk_launches") in (None, 2) and kw.get("hoist_coeffs", True) and kw.get("hoist_free", True)
+        seg_walk = SEG_WALK_AHEAD if ahead else SEG_WALK
         n_tiles = _full(variant)[0] if variant is not None else 4
 
         def run():
@@ -517,7 +523,7 @@ def diag_bwd(T: int = 8192, variant=None) -> None:
         for name, _, us in ks:
             if "_bwd_segment_kernel" in name:  # per segment: 3 launches over its chunks, then 3 per chunk
                 name = (f"_bwd_segment_kernel phase "
-                        f"{pre[seg_i] if seg_i < len(pre) else SEG_WALK[(seg_i - len(pre)) % 3]}")
+                        f"{pre[seg_i] if seg_i < len(pre) else seg_walk[(seg_i - len(pre)) % len(seg_walk)]}")
                 seg_i += 1
             else:
                 seg_i = 0
@@ -661,6 +667,30 @@ def _layer_segments(lengths) -> None:
             torch.cuda.empty_cache()
 
 
+def diag_memory(T: int = 8192) -> None:
+    """The W1 layer's training step, steps 1-4 one by one (the first runs the backward eagerly,
+    the second captures its CUDA graph, the later ones replay it): per step the peak allocated
+    memory (``max_memory_allocated``, what ``kernels.py`` reports), the peak reserved by the
+    caching allocator and the reserved memory after the step, all in GiB. Memory a graph keeps
+    in its private pool for its replays counts as reserved, not as allocated."""
+    from kernels import _make
+
+    print(f"\n# W1 layer step memory by step, T = {T}, {device_name()}")
+    print("| step | backward | peak allocated | peak reserved | reserved after |\n|---|---|---|---|---|")
+    step = _make("ours_triton", torch.device("cuda"))(T)
+    for i, what in enumerate(("eager (first sighting)", "graph capture", "graph replay", "graph replay"), 1):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        print(f"| {i} | {what} | {torch.cuda.max_memory_allocated() / 2**30:.3f} | "
+              f"{torch.cuda.max_memory_reserved() / 2**30:.3f} | {torch.cuda.memory_reserved() / 2**30:.3f} |",
+              flush=True)
+    step = None
+    clear_backward_graphs()
+    torch.cuda.empty_cache()
+
+
 def _back_to_back(step, n: int = 20, repeats: int = 3) -> float:
     """Seconds per step of ``n`` steps issued back to back (one wait at the end), best of ``repeats``."""
     for _ in range(3):
@@ -716,6 +746,8 @@ def main() -> int:
                    help="errors and time with the tf32 operands rounded (run again with TITANS_TF32_TRUNCATE=1)")
     p.add_argument("--diag-segments", action="store_true",
                    help="memory for speed: the training operator with more chunks per segment, at 8k and 32k")
+    p.add_argument("--diag-memory", action="store_true",
+                   help="the W1 layer step's allocated and reserved memory, steps 1-4 (eager, capture, replays)")
     p.add_argument("--diag-back-to-back", action="store_true",
                    help="the layer step synchronised (as kernels.py times it) against steps issued back to back")
     p.add_argument("--diag-bwd", action="store_true", help="GPU time per kernel of a training step and per backward phase")
@@ -747,7 +779,8 @@ def main() -> int:
     for flag, run in ((a.diag_split, diag_split), (a.diag_walk, diag_walk), (a.diag_parallel, diag_parallel),
                       (a.diag_walk_code, diag_walk_code),
                       (a.diag_walk_parts, diag_walk_parts), (a.diag_tf32, diag_tf32),
-                      (a.diag_segments, diag_segments), (a.diag_back_to_back, diag_back_to_back)):
+                      (a.diag_segments, diag_segments), (a.diag_back_to_back, diag_back_to_back),
+                      (a.diag_memory, diag_memory)):
         if flag:
             torch.backends.cuda.matmul.allow_tf32 = True
             run()

@@ -22,7 +22,7 @@ import triton.language as tl
 from titans_memory.errors import ConfigError
 from titans_memory.ops import layer_shapes, neural_memory_chunked
 from titans_memory.ops.mlp import MemoryMLPSpec
-from titans_memory.ops.triton_kernels import _coeffs, _coeffs_bwd, _coeffs_bwd_last, _coeffs_last
+from titans_memory.ops.triton_kernels import _coeffs, _coeffs_bwd, _coeffs_bwd_last, _last_coeffs, _last_row_vectors
 from titans_memory.ops.triton_tiled import neural_memory_tiled_triton, neural_memory_tiled_triton_train
 
 REL_TOL = 1e-4
@@ -294,15 +294,20 @@ def test_tiled_triton_train_gradients_equal_chunked(n_tiles, clip, spec, persist
         assert err < REL_TOL, f"{name}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("hoist_coeffs, hoist_free", [(False, False), (True, False), (True, True)])
-def test_segment_walk_over_longer_segments_with_a_partial_last_chunk(monkeypatch, hoist_coeffs, hoist_free):
+@pytest.mark.parametrize("hoist_coeffs, hoist_free, walk_launches, clip",
+                         [(False, False, 3, 0.05), (True, False, 3, 0.05), (True, True, 3, 0.05),
+                          (True, True, 2, 0.05), (True, True, 2, None)])
+def test_segment_walk_over_longer_segments_with_a_partial_last_chunk(monkeypatch, hoist_coeffs, hoist_free,
+                                                                      walk_launches, clip):
     """The segment walk (launch per phase with the stash: the CUDA-graph backward's walk) with
     segments of 4 and 2 chunks, the last one partial, so that every per-chunk scratch slot is
     used and the adjoint-free phases of several chunks run in one launch; gradients vs fp64
     autograd, bound REL_TOL. Also checks that this path is the one taken, and with
     ``hoist_coeffs`` that the adjoint-free part of the coefficient backward runs once per segment
     (grid ``(1, BH, nc)``) and the walk's phase 4 is the hoisted one (``hoist_free``: the walk
-    reads the stashed adjoint-free terms, the ``FREE`` launches)."""
+    reads the stashed adjoint-free terms, the ``FREE`` launches); ``walk_launches=2`` that the walk
+    is phases 2 and 5 alone (phase 4's work ahead in 2 and at the start of 5, ``AHEAD``), with the
+    clip on and off."""
     import titans_memory.ops.triton_tiled as tt
 
     launches = []
@@ -313,6 +318,7 @@ def test_segment_walk_over_longer_segments_with_a_partial_last_chunk(monkeypatch
             def launch(*args, **kw):
                 launches.append((grid, kw["PHASE"]))
                 assert kw["FREE"] == hoist_free
+                assert kw["AHEAD"] == (walk_launches == 2)
                 return real[grid](*args, **kw)
 
             return launch
@@ -323,9 +329,10 @@ def test_segment_walk_over_longer_segments_with_a_partial_last_chunk(monkeypatch
     gates, W, S = make_inputs(B=1, T=T_long)
     spec = MemoryMLPSpec("silu", True)
     leaves = [t.clone().requires_grad_(True) for t in (*gates, *W, *S)]
-    o, W_T, S_T = neural_memory_tiled_triton_train(*leaves[:6], leaves[6:8], leaves[8:], spec, CHUNK, 0.05,
+    o, W_T, S_T = neural_memory_tiled_triton_train(*leaves[:6], leaves[6:8], leaves[8:], spec, CHUNK, clip,
                                                    n_tiles=2, segment_chunks=4, stash=True,
-                                                   hoist_coeffs=hoist_coeffs, hoist_free=hoist_free)
+                                                   hoist_coeffs=hoist_coeffs, hoist_free=hoist_free,
+                                                   walk_launches=walk_launches)
     outs = [o, *W_T, *S_T]
     cots = [torch.randn_like(t) for t in outs]
     grads = torch.autograd.grad(sum((t * c).sum() for t, c in zip(outs, cots)), leaves)
@@ -336,9 +343,9 @@ def test_segment_walk_over_longer_segments_with_a_partial_last_chunk(monkeypatch
     assert sorted(hoisted) == ([(1, 2, 2), (1, 2, 4)] if hoist_coeffs else [])
     walk = [ph for g, ph in launches if len(g) == 2]
     coeffs = tt.SEG_COEFFS_WALK if hoist_coeffs else tt.SEG_COEFFS
-    assert walk == [tt.SEG_GATES, coeffs, tt.SEG_STATE] * 6
+    assert walk == ([tt.SEG_GATES, tt.SEG_STATE] if walk_launches == 2 else [tt.SEG_GATES, coeffs, tt.SEG_STATE]) * 6
     ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
-    ro, rW, rS = neural_memory_chunked(*ref_leaves[:6], ref_leaves[6:8], ref_leaves[8:], spec, CHUNK, 0.05)
+    ro, rW, rS = neural_memory_chunked(*ref_leaves[:6], ref_leaves[6:8], ref_leaves[8:], spec, CHUNK, clip)
     ref = torch.autograd.grad(sum((t * c.double()).sum() for t, c in zip([ro, *rW, *rS], cots)), ref_leaves)
     for i, (a, b) in enumerate(zip(grads, ref)):
         assert rel_err(a, b) < REL_TOL, f"input {i}: relative error {rel_err(a, b):.2e}"
@@ -466,8 +473,9 @@ def test_layer_with_impl_triton_tiled_matches_torch_with_state_carry():
 @triton.jit
 def _coeffs_bwd_kernel(th_ptr, et_ptr, al_ptr, dC_ptr, vec_ptr, sc_ptr, out_ptr, valid, BC: tl.constexpr):
     """Test kernel: ``_coeffs_bwd`` with only the last-row cotangents, ``_coeffs_bwd_last`` (from
-    ``_coeffs_last``), the whole ``_coeffs_bwd`` and its hoisted part (last-row cotangents zero), 3
-    rows each; then ``cl, g, ml`` and ``bl + gl + el`` of ``_coeffs`` and ``_coeffs_last``."""
+    ``_last_row_vectors``), the whole ``_coeffs_bwd`` and its hoisted part (last-row cotangents
+    zero), 3 rows each; then ``cl, g, ml`` and ``bl + gl + el`` of ``_coeffs`` and of
+    ``_last_row_vectors`` with ``_last_coeffs``."""
     rc = tl.arange(0, BC)
     occ = rc[:, None] * BC + rc[None, :]
     th = tl.load(th_ptr + rc)
@@ -482,11 +490,12 @@ def _coeffs_bwd_kernel(th_ptr, et_ptr, al_ptr, dC_ptr, vec_ptr, sc_ptr, out_ptr,
     dgl = tl.load(sc_ptr + 1)
     d_el = tl.load(sc_ptr + 2)
     A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(th, et, al, valid, BC)
-    A2, Dm2, pL, beta2, E2, g2, cl2, ml2, bl2, gl2, el2 = _coeffs_last(th, et, al, valid, BC)
+    pL, dL, aL, beta2, g2, E2, bl2, gl2, el2 = _last_row_vectors(et, al, valid, BC)
+    cl2, ml2 = _last_coeffs(th, valid, pL, dL, BC)
     zero = th * 0.0
     z0 = tl.sum(zero, axis=0)
     outs = (_coeffs_bwd(dC * 0.0, zero, zero, dcl, dml, dbl, dgl, d_el, th, et, al, valid, A, Dm, Pm, beta, E, BC)
-            + _coeffs_bwd_last(dcl, dml, dbl, dgl, d_el, th, et, al, valid, A2, Dm2, pL, beta2, E2, BC)
+            + _coeffs_bwd_last(dcl, dml, dbl, dgl, d_el, th, et, al, valid, aL, dL, pL, beta2, E2, BC)
             + _coeffs_bwd(dC, dbeta, dg, dcl, dml, dbl, dgl, d_el, th, et, al, valid, A, Dm, Pm, beta, E, BC)
             + _coeffs_bwd(dC, dbeta, dg, zero, zero, z0, z0, z0, th, et, al, valid, A, Dm, Pm, beta, E, BC)
             + (cl, cl2, g, g2, ml, ml2, zero + bl + gl + el, zero + bl2 + gl2 + el2))
@@ -501,7 +510,8 @@ def test_last_row_coefficient_backward_equals_the_general_one(valid):
     linearity the hoisting rests on: the general backward of all cotangents equals the sum of its
     hoisted part (last-row cotangents zero) and ``_coeffs_bwd_last``. Fresh random fp32 gates and
     cotangents, a full and a partial chunk; bound 1e-5 relative (the interpreter computes in fp32).
-    Also the coefficients of ``_coeffs_last`` (no ``c x c`` matmul) against ``_coeffs``."""
+    Also the last-row coefficients from ``_last_row_vectors`` and ``_last_coeffs`` (what the
+    serial loops read, no ``c x c`` work) against ``_coeffs``."""
     torch.manual_seed(31 + valid)
     BC = CHUNK
     th, et, al = torch.rand(BC) * 0.4, torch.rand(BC) * 0.9 + 0.05, torch.rand(BC) * 0.3
@@ -511,7 +521,7 @@ def test_last_row_coefficient_backward_equals_the_general_one(valid):
     general_last, last, whole, hoisted = out[0:3], out[3:6], out[6:9], out[9:12]
     rows = slice(0, valid)
     for name, a, b in (("last row", last, general_last), ("hoisted + last row", hoisted + last, whole),
-                       ("_coeffs_last's last-row coefficients", out[13:20:2], out[12:20:2])):
+                       ("the last-row coefficients from the vectors", out[13:20:2], out[12:20:2])):
         err = ((a[:, rows] - b[:, rows]).norm() / b[:, rows].norm()).item()
         assert err < 1e-5, f"{name}: relative error {err:.2e}"
     assert last[:, rows].abs().sum() > 0  # the last-row part is not trivially zero
@@ -645,8 +655,8 @@ def test_persistent_forward_and_segment_walk_with_the_kept_last_segment(monkeypa
     monkeypatch.setattr(tt, "_graphed_backward", lambda *a, **kw: None)
     recomputed = []
     real = tt._recompute_starts
-    monkeypatch.setattr(tt, "_recompute_starts", lambda cfg, xs, g, ck, st, c0, nc, err: (
-        recomputed.append(c0), real(cfg, xs, g, ck, st, c0, nc, err)))
+    monkeypatch.setattr(tt, "_recompute_starts", lambda cfg, xs, g, ck, st, c0, nc, err, **kw: (
+        recomputed.append(c0), real(cfg, xs, g, ck, st, c0, nc, err, **kw)))
     torch.manual_seed(606 + split_forward)
     T_long = 7 * CHUNK + 5
     gates, W, S = make_inputs(B=1, T=T_long)

@@ -186,15 +186,40 @@ def _coeffs_given(th, et, al, valid, Pm, BC: tl.constexpr):
 
 
 @triton.jit
-def _coeffs_last(th, et, al, valid, BC: tl.constexpr):
-    """:func:`_coeffs` for kernels that need no ``c x c`` coefficient matrix ``C`` (``Pm * theta``),
-    only its last row: ``pL`` (row ``valid - 1`` of ``Pm = A Dm``, a vector-matrix product)
-    instead of the ``c x c`` matmul; the rest as there."""
-    A, Dm, beta, E, g, thm, last, ml, bl, gl, el = _decays(th, et, al, valid, BC)
-    aL = tl.sum(tl.where(last[:, None], A, 0.0), axis=0)  # A[L, :]
+def _last_row_vectors(et, al, valid, BC: tl.constexpr):
+    """The gate-only vectors of a chunk that the serial chunk loops need, computed once per chunk
+    and head off the serial path (``_coeff_products_kernel`` of the tiled kernels): ``(pL, dL,
+    aL, beta, g, E, bl, gl, el)``, with ``pL, dL, aL`` the last valid rows of ``Pm = A Dm``,
+    ``Dm`` and ``A``. The last-row coefficients are then ``cl = pL theta``, ``ml = dL theta``
+    (:func:`_last_coeffs`) for any (clipped) step ``theta``."""
+    A, Dm, beta, E, g, thm, last, ml, bl, gl, el = _decays(et * 0.0, et, al, valid, BC)
+    aL = tl.sum(tl.where(last[:, None], A, 0.0), axis=0)
+    dL = tl.sum(tl.where(last[:, None], Dm, 0.0), axis=0)
     pL = tl.sum(aL[:, None] * Dm, axis=0)
-    cl = pL * thm
-    return A, Dm, pL, beta, E, g, cl, ml, bl, gl, el
+    return pL, dL, aL, beta, g, E, bl, gl, el
+
+
+@triton.jit
+def _last_coeffs(th, valid, pL, dL, BC: tl.constexpr):
+    """The last-row coefficients ``(cl, ml)`` of a chunk from its step ``theta`` (rows >= valid
+    are padding) and its :func:`_last_row_vectors` ``pL, dL``: no ``c x c`` work."""
+    thm = tl.where(tl.arange(0, BC) < valid, th, 0.0)
+    return pL * thm, dL * thm
+
+
+@triton.jit
+def _first_order_combine(a1, b1, a2, b2):
+    return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def _decay_apply(et, p, inb):
+    """``Dm p`` without the ``c x c`` matrix: ``(Dm p)_i = p_i + eta_i (Dm p)_{i-1}`` (``Dm[i, j]
+    = prod_{j < t <= i} eta_t``; padding rows carry a factor of 1, as in :func:`_decays`), one
+    associative scan."""
+    a = tl.where(inb, tl.maximum(et, _TINY), 1.0)
+    _, out = tl.associative_scan((a, p), 0, _first_order_combine)
+    return out
 
 
 @triton.jit
@@ -229,27 +254,27 @@ def _coeffs_bwd(dC, dbeta, dg, dcl, dml, dbl, dgl, d_el, th, et, al, valid, A, D
 
 
 @triton.jit
-def _coeffs_bwd_last(dcl, dml, dbl, dgl, d_el, th, et, al, valid, A, Dm, pL, beta, E, BC: tl.constexpr):
+def _coeffs_bwd_last(dcl, dml, dbl, dgl, d_el, th, et, al, valid, aL, dL, pL, beta, E, BC: tl.constexpr):
     """:func:`_coeffs_bwd` when only the last-row coefficients have cotangents (``dC, dbeta, dg``
-    zero), without a matmul: ``dC`` is then one row (``dcl``), so ``dA`` is one row and ``dDm``
-    a rank-one term plus a row. The backward is linear in the cotangents, so this part and the
-    rest (``_coeffs_bwd`` with ``dcl .. d_el`` zero) add up to the whole. ``pL``: the last row
-    of ``Pm`` (from :func:`_coeffs_last`)."""
+    zero), from the chunk's :func:`_last_row_vectors` and without any ``c x c`` work: ``dC`` is
+    then one row (``dcl``), so ``dA`` is one row and ``dDm`` a rank-one term plus a row, and every
+    row and column sum they need reduces to ``Dm p`` (``p = dcl theta``, :func:`_decay_apply`) and
+    the given rows (``sum_i aL_i Dm[i, j] = pL_j``). The backward is linear in the cotangents, so
+    this part and the rest (``_coeffs_bwd`` with ``dcl .. d_el`` zero) add up to the whole."""
     rows = tl.arange(0, BC)
     inb = rows < valid
     last = rows == (valid - 1)
     thm = tl.where(inb, th, 0.0)
-    aL = tl.sum(tl.where(last[:, None], A, 0.0), axis=0)  # A[L, :]
-    dL = tl.sum(tl.where(last[:, None], Dm, 0.0), axis=0)  # Dm[L, :]
     dth = dcl * pL + dml * dL
     p = dcl * thm  # row L of dP
-    dAL = tl.sum(Dm * p[None, :], axis=1) + dgl * E  # row L of dA
-    dAAL = dAL * aL  # row L of dA * A
+    Dp = _decay_apply(et, p, inb)
+    dAAL = (Dp + dgl * E) * aL  # row L of dA * A
     dck = tl.where(last, dbl * beta + tl.sum(dAAL, axis=0), 0.0) - dAAL
-    dDm = tl.where(last[:, None], (dml * thm)[None, :], 0.0) + aL[:, None] * p[None, :]
-    dDD = dDm * Dm
+    # row and column sums of dDm * Dm, dDm = [row L: dml theta] + aL p^T
+    rsum = tl.where(last, tl.sum(dml * thm * dL, axis=0), 0.0) + aL * Dp
+    csum = dml * thm * dL + p * pL
     dE = tl.where(last, d_el, 0.0) + dgl * aL
-    dce = dE * E + tl.sum(dDD, axis=1) - tl.sum(dDD, axis=0)
+    dce = dE * E + rsum - csum
     det, dal = _gates_from_log_grads(dck, dce, et, al, inb, BC)
     return dth, det, dal
 
@@ -258,12 +283,10 @@ def _coeffs_bwd_last(dcl, dml, dbl, dgl, d_el, th, et, al, valid, A, Dm, pL, bet
 def _gates_from_log_grads(dck, dce, et, al, inb, BC: tl.constexpr):
     """``(deta, dalpha)`` from the gradients of the cumulative log decays (through the cumsums
     and the logs of ``eta`` and ``1 - alpha``)."""
-    rows = tl.arange(0, BC)
     dck = tl.where(inb, dck, 0.0)
     dce = tl.where(inb, dce, 0.0)
-    tri = rows[:, None] >= rows[None, :]
-    dlk = tl.sum(tl.where(tri, dck[:, None], 0.0), axis=0)
-    dle = tl.sum(tl.where(tri, dce[:, None], 0.0), axis=0)
+    dlk = tl.cumsum(dck, axis=0, reverse=True)  # sum over i >= j
+    dle = tl.cumsum(dce, axis=0, reverse=True)
     one_m = 1.0 - al
     dal = tl.where(one_m >= _TINY, -dlk / one_m, 0.0)
     det = tl.where(et >= _TINY, dle / et, 0.0)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _act, _act_d, _clip_scale, _coeffs_given, _coeffs_last, _load_chunk, _mm
+from .triton_kernels import _act, _act_d, _clip_scale, _coeffs_given, _last_coeffs, _load_chunk, _mm
 from .triton_tiled_kernels import (
     _bwd_coeffs,
     _bwd_keys,
@@ -51,6 +51,7 @@ from .triton_tiled_kernels import (
     _bwd_state,
     _cat_cols,
     _chunk_products,
+    _chunk_vectors,
     _partial_retrieval,
     _phase_output,
     _split_cols,
@@ -119,7 +120,8 @@ def _fwd_persistent_kernel(
     to slot ``(n - c0) / save_every`` of ``cw1 ..`` (slot stride ``BH D F``) when
     ``(n - c0) % save_every == 0``. OUT: the retrieval into ``o`` ``[BH, T, D]``, with the chunks'
     gate-only products ``A Dm`` from ``PM`` (``_coeff_products_kernel``); without OUT (the
-    recompute) only the last row of the coefficients is needed, and no ``c x c`` matmul runs. Scratch: ``P,
+    recompute) only the last-row coefficients are needed, from the chunk's gate-only vectors in
+    ``PM`` (no ``c x c`` work). Scratch: ``P,
     O`` ``[BH, 2, NT, BC, D]``, ``N`` ``[BH, 2, NT, 2, BC]``; ``cnt`` ``[BH]`` zeros. STASH (for the
     split forward's retrieval, ``triton_retrieval_kernels.py``): tile 0 stores chunk ``n``'s
     ``delta2`` into slot ``n - c0`` of ``d2 [nc, BH, BC, D]`` and, with CLIP, its clipped ``theta``
@@ -199,8 +201,9 @@ def _fwd_persistent_kernel(
             if PREFETCH:  # the next chunk's inputs, in flight during this chunk's update
                 _, nk, nv, nth, net, nal, _, _, _, _ = _load_chunk(
                     k_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, bh, T, t0 + BC, BC, D)
-            if not OUT:  # the recompute: the state update reads only the last row of C
-                A, Dm, pL, beta, E, g, cl, ml, bl, gl, el = _coeffs_last(th, et, al, valid, BC)
+            if not OUT:  # the recompute: the state update reads only the last-row coefficients
+                pL, dL, v_aL, v_beta, v_g, v_E, bl, gl, el = _chunk_vectors(pm_ptr, bh, T, t0, BC)
+                cl, ml = _last_coeffs(th, valid, pL, dL, BC)
             else:  # the tile's partial retrieval (dual form through its hidden units)
                 A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs_given(
                     th, et, al, valid, _chunk_products(pm_ptr, bh, T, t0, BC), BC)

@@ -41,6 +41,7 @@ from .triton_tiled_kernels import (
     SEG_STATE,
     _bwd_rows_kernel,
     _bwd_segment_kernel,
+    CV_ROWS,
     _coeff_products_kernel,
     _keys_kernel,
     _norms_kernel,
@@ -193,16 +194,18 @@ def resolve_persistent(persistent: Optional[bool], NT: int, dev: torch.device) -
 
 
 def coefficient_products(gates, BC: int) -> Tensor:
-    """``[BH, n_chunks, BC, BC]``: every chunk's gate-only ``c x c`` product ``A Dm`` (fp32), one
-    program per head and chunk (``_coeff_products_kernel``), for the kernels that would otherwise
-    compute it inside their serial chunk loops. ``gates = (theta, eta, alpha)`` ``[BH, T]``."""
+    """``[BH, n_chunks, BC + CV_ROWS, BC]``: every chunk's gate-only ``c x c`` product ``A Dm``
+    and its gate-only last-row vectors (fp32), one program per head and chunk
+    (``_coeff_products_kernel``), for the kernels that would otherwise compute them inside their
+    serial chunk loops. ``gates = (theta, eta, alpha)`` ``[BH, T]``."""
     _, et, al = gates
     BH, T = et.shape
     nc = -(-T // BC)
-    pm = torch.empty(BH, nc, BC, BC, device=et.device, dtype=torch.float32)
+    cv = CV_ROWS.value
+    pm = torch.empty(BH, nc, BC + cv, BC, device=et.device, dtype=torch.float32)
     if nc:
         # 8 warps: with 4, ptxas spills most of the fp32 FMA matmul (Triton 3.6 compile report)
-        _coeff_products_kernel[(BH, nc)](et, al, pm, T, BC=BC, num_warps=8, num_stages=1)
+        _coeff_products_kernel[(BH, nc)](et, al, pm, T, BC=BC, CV=cv, num_warps=8, num_stages=1)
     return pm
 
 
@@ -212,8 +215,7 @@ def _forward_persistent(xs, gates, st_in, st_out, out, c0, c1, spec, max_update_
     to ``st_out`` (may be the same tensors); ``out`` receives the outputs (``None``: not
     computed); ``save = (slots, every)`` stores the state at every ``every``-th chunk start into
     ``slots`` (four ``[n, BH, ..]`` tensors). Barrier failures are counted in ``err``. ``pm``:
-    :func:`coefficient_products` of ``gates`` (computed here when ``out`` is given and it is not;
-    without ``out`` it is not needed). ``stash = (d2, the)``: each chunk's ``delta2`` and clipped
+    :func:`coefficient_products` of ``gates`` (computed here when not given). ``stash = (d2, the)``: each chunk's ``delta2`` and clipped
     ``theta`` for the split forward's retrieval (``STASH`` of the kernel; with ``save`` every chunk).
     ``scratch = (P, N, cnt)`` (without ``out``): the scratch and zeroed barrier counters, allocated
     by a caller that launches many walks (fewer host operations per launch)."""
@@ -233,12 +235,12 @@ def _forward_persistent(xs, gates, st_in, st_out, out, c0, c1, spec, max_update_
     else:
         p_scr, n_scr, cnt = scratch
     o_scr = torch.empty(BH, 2, NT, BC, d, device=dev, dtype=torch.float32) if OUT else p_scr
-    if OUT and pm is None:
+    if pm is None:
         pm = coefficient_products(gates, BC)
     slots, every = save if save is not None else (st_in, 1)
     n_hp = head_programs(BH, NT, dev)
     _fwd_persistent_kernel[(NT, n_hp)](
-        *xs, *gates, *st_in, *st_out, *slots, p_scr, n_scr, o_scr, out if OUT else p_scr, pm if OUT else p_scr, cnt,
+        *xs, *gates, *st_in, *st_out, *slots, p_scr, n_scr, o_scr, out if OUT else p_scr, pm, cnt,
         err, *(stash if stash is not None else (p_scr, p_scr)),
         BH, T, c0, c1, every, n_hp, NT, float(max_update_norm) if CLIP else 1.0,
         BC=BC, D=d, F=hid, BF=hid // NT, ACT=spec.activation, RES=bool(spec.residual), CLIP=CLIP, OUT=OUT,
@@ -292,7 +294,7 @@ def _forward_segments(xs, gates, st_in, st_out, out, c0, c1, spec, max_update_no
         dst = st_out if last or ck is None else [c[s + 1] for c in ck]
         _forward_persistent(xs, gates, src, dst, None, n0, n1, spec, max_update_norm, NT, BC, err,
                             save=(starts, 1), prec=prec, num_warps=num_warps, stash=(d2, the),
-                            scratch=(p_scr, n_scr, cnt[s]))
+                            scratch=(p_scr, n_scr, cnt[s]), pm=pm)
         _segment_retrieval_kernel[(NR, n1 - n0, BH)](
             xs[0], xs[1], *gates, *starts, d2, the, pm, o_scr, BH, T, n0, **meta,
             num_warps=RETRIEVAL_WARPS, num_stages=1)
@@ -391,7 +393,7 @@ class _TrainCfg:
 
     def __init__(self, BH, T, d, hid, spec, chunk, n_tiles, max_update_norm, segment_chunks, prec=PREC,
                  persistent=False, check=True, bwd_tiles=None, num_warps=(8, 4), stash=False, bwd_graph=False,
-                 hoist_coeffs=True, hoist_free=True, bwd_prec=None, split_forward=True):
+                 hoist_coeffs=True, hoist_free=True, bwd_prec=None, split_forward=True, walk_launches=None):
         self.BH, self.T, self.d, self.hid = BH, T, d, hid
         # matmul operands of the forward and the recompute (prec), of the backward's walk (bwd_prec)
         self.prec = prec
@@ -410,6 +412,13 @@ class _TrainCfg:
         # (with hoist_coeffs) phase 3 and the coefficient pre-pass also stash the adjoint-free
         # terms of phases 4 and 5's tile work
         self.hoist_free = hoist_coeffs and hoist_free
+        # the segment walk's launches per chunk: 3 (phases 2a, 4, 5) or 2 (with hoist_free: phase 4's
+        # tile work ahead in 2a, its per-head part in 5; AHEAD of the kernels)
+        if walk_launches is None:
+            walk_launches = 3
+        if walk_launches not in (2, 3) or (walk_launches == 2 and not self.hoist_free):
+            raise ConfigError(f"walk_launches must be 3, or 2 with hoist_coeffs and hoist_free, got {walk_launches!r}")
+        self.ahead = walk_launches == 2
         self.n_chunks = -(-T // chunk)
         self.K = segment_chunks or default_segment_chunks(self.n_chunks)
         self.n_seg = -(-self.n_chunks // self.K)
@@ -449,8 +458,10 @@ def _backward_scratch(cfg: _TrainCfg, dev, segmented: bool) -> dict:
         shapes.update(HDP=(BH, BC))
         if cfg.hoist_free:
             shapes.update(DF1=(BH, NT, BC, BF), DH1F=(BH, NT, BC, BF), DD2P=(BH, BC, d))
+        if cfg.ahead and cfg.CLIP:  # the clip terms of d delta2 in the two-launch walk
+            shapes.update(Q2S=(BH, BC, d))
         per_chunk = ("P", "N", "XH", "DN1", "GT", "DQ", "DK", "X1", "DA1", "ZS", "US", "D2S", "HDP", "DF1", "DH1F",
-                     "DD2P")
+                     "DD2P", "Q2S")
         lead = {name: min(cfg.K, cfg.n_chunks) for name in per_chunk}
     else:
         lead = dict(P=2, DQ=2, DK=2)
@@ -480,14 +491,18 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
                *(scr[name] for name in ("P", "N", "XH", "DN1", "GT", "DQ", "DK", "X1", "DA1", "ZS", "US", "D2S",
                                         "HDP")),
                *((scr["DF1"], scr["DH1F"], scr["DD2P"]) if cfg.hoist_free else (scr["HDP"],) * 3),
-               *(scr[name] for name in ("GS", "DD2", "DDL1", "HD", "PM")), BH, cfg.T, c0)
+               *(scr[name] for name in ("GS", "DD2", "DDL1", "HD", "PM")), scr.get("Q2S", scr["HD"]), BH, cfg.T, c0)
         meta["FREE"] = cfg.hoist_free
+        meta["AHEAD"] = cfg.ahead
         par = dict(meta, num_warps=SEGMENT_PHASE_WARPS or meta["num_warps"], PREC=SEGMENT_PHASE_PREC or meta["PREC"])
         for ph in (SEG_KEYS, SEG_NORMS, SEG_RETRIEVAL):
             _bwd_segment_kernel[(NT, BH, nc)](*seg, 0, NT, cfg.clip, PHASE=ph, **par)
         if cfg.hoist_coeffs:
             _bwd_segment_kernel[(1, BH, nc)](*seg, 0, NT, cfg.clip, PHASE=SEG_COEFFS_PRE, **par)
-        walk = (SEG_GATES, SEG_COEFFS_WALK if cfg.hoist_coeffs else SEG_COEFFS, SEG_STATE)
+        if cfg.ahead:
+            walk = (SEG_GATES, SEG_STATE)
+        else:
+            walk = (SEG_GATES, SEG_COEFFS_WALK if cfg.hoist_coeffs else SEG_COEFFS, SEG_STATE)
         for s in range(nc - 1, -1, -1):
             for ph in walk:
                 _bwd_segment_kernel[(NT, BH)](*seg, s, NT, cfg.clip, PHASE=ph, MERGE=STATE_MERGE and ph == SEG_STATE,
@@ -514,13 +529,15 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
             _bwd_kernel[(NT, BH)](*args(st, n, 1), PHASE=ph, **meta)
 
 
-def _recompute_starts(cfg: _TrainCfg, xs, gates, ck_slot, starts, c0: int, nc: int, err) -> None:
+def _recompute_starts(cfg: _TrainCfg, xs, gates, ck_slot, starts, c0: int, nc: int, err, pm=None) -> None:
     """Slots ``0 .. nc - 1`` of ``starts`` <- the start states of chunks ``c0 .. c0 + nc - 1``,
-    recomputed (forward without outputs) from ``ck_slot``, the state before chunk ``c0``."""
+    recomputed (forward without outputs) from ``ck_slot``, the state before chunk ``c0``. ``pm``:
+    :func:`coefficient_products` of ``gates`` (the persistent recompute's; computed if not given)."""
     last = [t[nc - 1] for t in starts]
     if cfg.persistent:  # in the forward's tiling (the saved states are whole, whatever the tiling)
         _forward_persistent(xs, gates, ck_slot, last, None, c0, c0 + nc - 1, cfg.spec, cfg.max_update_norm,
-                            cfg.NT_fwd, cfg.BC, err, save=(starts, 1), prec=cfg.prec, num_warps=cfg.fwd_warps)
+                            cfg.NT_fwd, cfg.BC, err, save=(starts, 1), prec=cfg.prec, num_warps=cfg.fwd_warps,
+                            pm=pm)
         return
     cur = [c.clone() for c in ck_slot]
 
@@ -611,8 +628,8 @@ def _backward_body(cfg: _TrainCfg, xs, gates, go, ck, adj, per_phase: bool = Fal
     err = torch.zeros(1, device=qf.device, dtype=torch.int32)
     segmented = _uses_segment_walk(cfg, per_phase)
     scr = _backward_scratch(cfg, qf.device, segmented)
-    if segmented:  # the chunks' gate-only c x c products, read by phase 3 and the coefficient pre-pass
-        scr["PM"] = coefficient_products(gates, cfg.BC)
+    # the chunks' gate-only coefficients: read by the persistent recompute and the segment walk
+    scr["PM"] = coefficient_products(gates, cfg.BC)
     kept = bool(starts)
     if not kept:
         starts = [torch.empty(min(cfg.K, cfg.n_chunks), *c.shape[1:], device=c.device, dtype=c.dtype) for c in ck]
@@ -620,7 +637,7 @@ def _backward_body(cfg: _TrainCfg, xs, gates, go, ck, adj, per_phase: bool = Fal
         c0 = s * cfg.K
         nc = min(cfg.K, cfg.n_chunks - c0)
         if not (kept and s == cfg.n_seg - 1):
-            _recompute_starts(cfg, xs, gates, [c[s] for c in ck], starts, c0, nc, err)
+            _recompute_starts(cfg, xs, gates, [c[s] for c in ck], starts, c0, nc, err, pm=scr["PM"])
         _backward_walk(cfg, xs, gates, go, starts, adj, scr, grads, c0, nc, err, per_phase)
     if not segmented:  # the chunk walk leaves the dq, dk rows of chunk 0 (the segment walk does its own)
         _bwd_rows_kernel[(cfg.BH, 1)](scr["DQ"][0], scr["DK"][0], grads[0], grads[1], cfg.T, 0, cfg.NT, 0,
@@ -685,7 +702,7 @@ def _graphed_backward(cfg: _TrainCfg, xs, gates, go, ck, adj, last=()):
     its second sighting; ``None`` at the first (the caller then runs it eagerly)."""
     key = (xs[0].device, tuple(xs[0].shape), cfg.hid, cfg.spec, cfg.BC, cfg.NT_fwd, cfg.NT, cfg.K, cfg.CLIP,
            cfg.clip, cfg.prec, cfg.bwd_prec, cfg.persistent, cfg.fwd_warps, cfg.bwd_warps, cfg.stash, cfg.hoist_coeffs,
-           cfg.hoist_free, cfg.split_forward, len(last), SEGMENT_PHASE_WARPS, SEGMENT_PHASE_PREC,
+           cfg.hoist_free, cfg.ahead, cfg.split_forward, len(last), SEGMENT_PHASE_WARPS, SEGMENT_PHASE_PREC,
            tuple(sorted(WALK_CODE.items())), STATE_MERGE)
     graph = _GRAPHS.pop(key, None)
     if graph is None:
@@ -736,6 +753,7 @@ def neural_memory_tiled_triton_train(
     hoist_free: bool = True,
     bwd_precision: Optional[str] = None,
     split_forward: bool = True,
+    walk_launches: Optional[int] = None,
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """Differentiable twin of :func:`neural_memory_tiled_triton` (depth 2, same coverage and
     requirements, same result): gradients flow to ``q, k, v, theta, eta, alpha``, ``weights`` and
@@ -765,7 +783,12 @@ def neural_memory_tiled_triton_train(
     (``_bwd_coeffs_pre``), leaving the walk the last-row part, which needs no matmul.
     ``hoist_free`` (with ``hoist_coeffs``, default on): phase 3 and that launch also stash the
     terms of phases 4 and 5 that do not depend on the adjoint (``FREE`` of the kernels), so the
-    walk reads them instead of computing them. ``bwd_precision`` (default ``precision``): the
+    walk reads them instead of computing them. ``walk_launches`` (the segment walk; default 3):
+    launches per chunk in the walk. 3 runs phases 2 (its adjoint half),
+    4 and 5; 2 runs phase 4's tile work ahead in phase 2 (the last-row coefficients need only the
+    clipped step, known before the walk, and the clip terms are linear in ``d n^2``, added in
+    phase 5) and its per-head part at the start of phase 5, so no launch and no matmul of
+    phase 4 is left and four of its products come from phase 2. ``bwd_precision`` (default ``precision``): the
     matmul operands of the backward's walk; the forward and the recompute of the chunk-start
     states use ``precision`` (so ``precision="bf16", bwd_precision="tf32"`` runs bf16 operands
     where they pay, in the forward and the recompute, and tf32 in the walk, where bf16 was slower
@@ -824,7 +847,7 @@ def neural_memory_tiled_triton_train(
     cfg = _TrainCfg(BH, T, d, hid, spec, chunk_size, n_tiles, max_update_norm, segment_chunks, precision,
                     persistent=persistent, check=check, bwd_tiles=bwd_tiles, num_warps=num_warps, stash=stash,
                     bwd_graph=bwd_graph, hoist_coeffs=hoist_coeffs, hoist_free=hoist_free, bwd_prec=bwd_precision,
-                    split_forward=split_forward)
+                    split_forward=split_forward, walk_launches=walk_launches)
     # the walk the backward runs (the graph's and the eager fallback's alike, see TiledTritonMemory)
     segment_walk = _uses_segment_walk(cfg, cfg.bwd_graph)
     if q.is_cuda and (num_warps[1] > 8 or (bwd_precision == "bf16" and not segment_walk)):

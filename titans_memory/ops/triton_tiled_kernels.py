@@ -64,8 +64,9 @@ from .triton_kernels import (
     _coeffs_bwd,
     _coeffs_bwd_last,
     _coeffs_given,
-    _coeffs_last,
     _decays,
+    _last_coeffs,
+    _last_row_vectors,
     _load_chunk,
     _mm,
 )
@@ -80,12 +81,19 @@ PRECISIONS = ("tf32", "ieee", "bf16")
 
 # ---------------------------------------------------------------------------------------------
 # phase functions (called by the kernels below; a persistent kernel would call them too)
+#: rows of a chunk's gate-only vectors after its ``c x c`` product in the coefficient buffer
+#: (``_coeff_products_kernel``): ``pL, dL, aL, beta, g, E`` and ``(bl, gl, el, 0 ..)``
+CV_ROWS = tl.constexpr(7)
+
+
 @triton.jit
-def _coeff_products_kernel(et_ptr, al_ptr, pm_ptr, T, BC: tl.constexpr):
-    """``Pm = A Dm`` (``c x c``, fp32 FMA) of chunk ``program_id(1)`` of head ``program_id(0)``
-    into ``PM`` ``[BH, n_chunks, BC, BC]``. It depends on the gates ``eta, alpha`` only, so it is
-    computed for all chunks at once rather than inside the serial chunk loops, where this one
-    fp32 matmul took a large part of a chunk's time (benchmarks/RESULTS.md, 2026-12-02)."""
+def _coeff_products_kernel(et_ptr, al_ptr, pm_ptr, T, BC: tl.constexpr, CV: tl.constexpr):
+    """The gate-only coefficients of chunk ``program_id(1)`` of head ``program_id(0)`` into ``PM``
+    ``[BH, n_chunks, BC + CV, BC]``: rows ``0 .. BC - 1`` ``Pm = A Dm`` (``c x c``, fp32 FMA), then
+    the ``CV = CV_ROWS`` rows of :func:`_last_row_vectors`. They depend on the gates ``eta, alpha``
+    only, so they are computed for all chunks at once rather than inside the serial chunk loops,
+    where this one fp32 matmul took a large part of a chunk's time, and the vectors' ``c x c``
+    decay matrices much of the rest (benchmarks/RESULTS.md, 2026-12-02 and -03)."""
     bh = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1)
     rc = tl.arange(0, BC)
@@ -96,8 +104,17 @@ def _coeff_products_kernel(et_ptr, al_ptr, pm_ptr, T, BC: tl.constexpr):
     al = tl.load(al_ptr + bh * T + t0 + rc, mask=rmask, other=0.0)
     A, Dm, beta, E, g, thm, last, ml, bl, gl, el = _decays(tl.zeros([BC], dtype=tl.float32), et, al, valid, BC)
     n_chunks = (T + BC - 1) // BC
-    tl.store(pm_ptr + (bh * n_chunks + n) * BC * BC + rc[:, None] * BC + rc[None, :],
-             tl.dot(A, Dm, input_precision="ieee"))
+    dst = pm_ptr + (bh * n_chunks + n) * (BC + CV) * BC
+    tl.store(dst + rc[:, None] * BC + rc[None, :], tl.dot(A, Dm, input_precision="ieee"))
+    pL, dL, aL, beta, g, E, bl, gl, el = _last_row_vectors(et, al, valid, BC)
+    dst += BC * BC
+    tl.store(dst + rc, pL)
+    tl.store(dst + BC + rc, dL)
+    tl.store(dst + 2 * BC + rc, aL)
+    tl.store(dst + 3 * BC + rc, beta)
+    tl.store(dst + 4 * BC + rc, g)
+    tl.store(dst + 5 * BC + rc, E)
+    tl.store(dst + 6 * BC + rc, tl.where(rc == 0, bl, tl.where(rc == 1, gl, tl.where(rc == 2, el, 0.0))))
 
 
 @triton.jit
@@ -105,7 +122,19 @@ def _chunk_products(pm_ptr, bh, T, t0, BC: tl.constexpr):
     """The ``Pm`` of the chunk starting at ``t0`` from ``_coeff_products_kernel``'s buffer."""
     rc = tl.arange(0, BC)
     n_chunks = (T + BC - 1) // BC
-    return tl.load(pm_ptr + (bh * n_chunks + t0 // BC) * BC * BC + rc[:, None] * BC + rc[None, :])
+    return tl.load(pm_ptr + (bh * n_chunks + t0 // BC) * (BC + CV_ROWS) * BC + rc[:, None] * BC + rc[None, :])
+
+
+@triton.jit
+def _chunk_vectors(pm_ptr, bh, T, t0, BC: tl.constexpr):
+    """The :func:`_last_row_vectors` ``(pL, dL, aL, beta, g, E, bl, gl, el)`` of the chunk starting
+    at ``t0`` from ``_coeff_products_kernel``'s buffer."""
+    rc = tl.arange(0, BC)
+    n_chunks = (T + BC - 1) // BC
+    src = pm_ptr + (bh * n_chunks + t0 // BC) * (BC + CV_ROWS) * BC + BC * BC
+    return (tl.load(src + rc), tl.load(src + BC + rc), tl.load(src + 2 * BC + rc), tl.load(src + 3 * BC + rc),
+            tl.load(src + 4 * BC + rc), tl.load(src + 5 * BC + rc), tl.load(src + 6 * BC), tl.load(src + 6 * BC + 1),
+            tl.load(src + 6 * BC + 2))
 
 
 @triton.jit
@@ -471,14 +500,19 @@ def _bwd_adjoint_gates(bh, j, k, delta2, h1, delta1, w1, w2, o1, o2, s1_ptr, s2_
                        PREC: tl.constexpr):
     """The half of phase 2 that reads the state adjoint (of the state after this chunk): the tile's
     partials of the R5 gate cotangents through it, per token ``dcl, dml`` (rows 2, 3 of ``GT``) and
-    per head ``dbl, dgl, del`` (``GS``)."""
+    per head ``dbl, dgl, del`` (``GS``). Returns the products with the adjoint ``(k aW1_j, k
+    aS1_j, h1_j aW2_j, h1_j aS2_j)`` (for :func:`_bwd_adjoint_ahead`)."""
     rc = tl.arange(0, BC)
     aw1 = tl.load(aw1_ptr + o1)
     as1 = tl.load(as1_ptr + o1)
     aw2 = tl.load(aw2_ptr + o2)
     as2 = tl.load(as2_ptr + o2)
-    dcl = -tl.sum(_mm(k, aw1, PREC) * delta1, axis=1) - tl.sum(_mm(h1, aw2, PREC) * delta2, axis=1)
-    dml = -tl.sum(_mm(k, as1, PREC) * delta1, axis=1) - tl.sum(_mm(h1, as2, PREC) * delta2, axis=1)
+    ka1 = _mm(k, aw1, PREC)
+    ks1 = _mm(k, as1, PREC)
+    ha2 = _mm(h1, aw2, PREC)
+    hs2 = _mm(h1, as2, PREC)
+    dcl = -tl.sum(ka1 * delta1, axis=1) - tl.sum(ha2 * delta2, axis=1)
+    dml = -tl.sum(ks1 * delta1, axis=1) - tl.sum(hs2 * delta2, axis=1)
     gt = gt_ptr + (bh * NT + j) * 4 * BC
     tl.store(gt + 2 * BC + rc, dcl)
     tl.store(gt + 3 * BC + rc, dml)
@@ -488,6 +522,34 @@ def _bwd_adjoint_gates(bh, j, k, delta2, h1, delta1, w1, w2, o1, o2, s1_ptr, s2_
     tl.store(gs, tl.sum(tl.sum(aw1 * w1, axis=1), axis=0) + tl.sum(tl.sum(aw2 * w2, axis=1), axis=0))
     tl.store(gs + 1, tl.sum(tl.sum(aw1 * s1, axis=1), axis=0) + tl.sum(tl.sum(aw2 * s2, axis=1), axis=0))
     tl.store(gs + 2, tl.sum(tl.sum(as1 * s1, axis=1), axis=0) + tl.sum(tl.sum(as2 * s2, axis=1), axis=0))
+    return ka1, ks1, ha2, hs2
+
+
+@triton.jit
+def _bwd_adjoint_ahead(bh, j, k, delta2, sd1, ka1, ks1, ha2, hs2, w2, th_ptr, pm_ptr, n_head, df1_ptr,
+                       ddl1_ptr, dd2_ptr, T, t0, NT, clip, BC: tl.constexpr, D: tl.constexpr, BF: tl.constexpr,
+                       CLIP: tl.constexpr, PREC: tl.constexpr):
+    """Phase 4's tile work done ahead, in phase 2a (``AHEAD`` of the segment walk): the last-row
+    coefficients ``cl, ml`` need only the clipped step (R2 is summed before the walk), so the
+    tile's ``d delta1_j`` and its R6 partial are known here up to their clip terms, which are
+    linear in the per-token ``d n^2`` that the coefficient backward gives later:
+    ``d delta1_j = DF1_j - cl k aW1_j - ml k aS1_j (+ 2 d n^2 |k|^2 delta1_j)`` to ``DDL1`` and
+    ``(d delta1_j act'(z1_j)) W2_j - cl h1_j aW2_j - ml h1_j aS2_j`` to ``DD2`` without the
+    bracket; phase 5 adds the clip terms (their R6 part is ``Q2S`` of :func:`_bwd_coeffs_pre`).
+    The products with the adjoint are :func:`_bwd_adjoint_gates`' (phase 4 recomputed them)."""
+    rc = tl.arange(0, BC)
+    valid = tl.minimum(T - t0, BC)
+    goff = bh * T + t0 + rc
+    rmask = rc < valid
+    th = tl.load(th_ptr + goff, mask=rmask, other=0.0)
+    thc, _, _, _, _, _, _ = _bwd_clip(k, delta2, th, n_head, NT, clip, BC, CLIP)
+    pL, dL, _, _, _, _, _, _, _ = _chunk_vectors(pm_ptr, bh, T, t0, BC)
+    cl, ml = _last_coeffs(thc, valid, pL, dL, BC)
+    ts = _tile_scratch(bh, j, NT, BC, BF)
+    e1 = tl.load(df1_ptr + ts) - cl[:, None] * ka1 - ml[:, None] * ks1
+    tl.store(ddl1_ptr + ts, e1)
+    dd2_j = _mm(e1 * sd1, w2, PREC) - cl[:, None] * ha2 - ml[:, None] * hs2
+    tl.store(dd2_ptr + (bh * NT + j) * BC * D + rc[:, None] * D + tl.arange(0, D)[None, :], dd2_j)
 
 
 @triton.jit
@@ -595,7 +657,9 @@ def _bwd_coeff_inputs(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, p_ptr, n_
 def _bwd_coeffs_pre(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, p_ptr, n_ptr, xh_ptr, dn1_ptr,
                     gt_ptr, dqs_ptr, hdp_ptr, dth_ptr, det_ptr, dal_ptr, d2s_ptr, dd2p_ptr, dks_ptr, pm_ptr, T, t0, NT,
                     clip, BC: tl.constexpr, D: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr,
-                    PREC: tl.constexpr, FREE: tl.constexpr = False):
+                    PREC: tl.constexpr, FREE: tl.constexpr = False, AHEAD: tl.constexpr = False,
+                    q2s_ptr=None, zs_ptr=None, us_ptr=None, w2_ptr=None, F: tl.constexpr = 1, BF: tl.constexpr = 1,
+                    ACT: tl.constexpr = "identity"):
     """The adjoint-free part of phase 4's per-head coefficient backward (one program per head and
     chunk; the segment walk runs it for all chunks of a segment before walking them): sums R3,
     R4 and the per-token R5 terms ``dbeta, dg`` (all from the retrieval backward), runs
@@ -605,7 +669,9 @@ def _bwd_coeffs_pre(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, p_p
     (:func:`_bwd_coeffs` with ``HOISTED``): the coefficient and clip backward are linear in
     their cotangents. ``FREE``: also the adjoint-free terms of phase 5's per-head work, ``-(XH *
     C)^T g_o`` of ``d delta2`` (``DD2P``) and ``(dN1 * C)^T q`` of the per-head ``dk`` term (its
-    slot of ``DK``, which phase 5 completes)."""
+    slot of ``DK``, which phase 5 completes). ``AHEAD`` (the two-launch walk) with the clip: also
+    ``Q2S = |k|^2 sum_j (delta1_j act'(z1_j)) W2_j + |h1|^2 delta2`` per token, what phase 5
+    scales by ``2 d n^2`` for the clip terms of ``d delta2`` (:func:`_bwd_adjoint_ahead`)."""
     rc = tl.arange(0, BC)
     rd = tl.arange(0, D)
     ocd = rc[:, None] * D + rd[None, :]
@@ -639,6 +705,48 @@ def _bwd_coeffs_pre(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, p_p
     if FREE:
         tl.store(dd2p_ptr + bh * BC * D + ocd, -_mm(tl.trans(XH * C), go, PREC))
         tl.store(dks_ptr + (bh * (NT + 1) + NT) * BC * D + ocd, _mm(tl.trans(dN1 * C), q, PREC))
+    if AHEAD and CLIP:
+        q2 = tl.zeros([BC, D], dtype=tl.float32)
+        for jj in range(NT):
+            ts = _tile_scratch(bh, jj, NT, BC, BF)
+            sd1 = _act_d(tl.load(zs_ptr + ts), ACT)
+            _, o2 = _tile_offsets(bh, jj, D, F, BF)
+            q2 += _mm(tl.load(us_ptr + ts) * sd1 * sd1, tl.load(w2_ptr + o2), PREC)
+        hh = _sum_tiles(n_ptr + bh * NT * 2 * BC + BC, NT, 2 * BC, rc)
+        tl.store(q2s_ptr + bh * BC * D + ocd, kk[:, None] * q2 + hh[:, None] * delta2)
+
+
+@triton.jit
+def _bwd_coeffs_walk_head(bh, j, gt_ptr, gs_ptr, hdp_ptr, hd_ptr, dth_ptr, det_ptr, dal_ptr, goff, rmask,
+                          th, thc, et, al, valid, nrm, r, aL, dL, pL, beta, E, NT, clip,
+                          BC: tl.constexpr, CLIP: tl.constexpr, STORE_HD: tl.constexpr):
+    """The walk's part of the per-head coefficient backward (after :func:`_bwd_coeffs_pre`): sums
+    the R5 cotangents of the last-row coefficients (through the state adjoint: ``dcl, dml`` per
+    token, ``dbl, dgl, d_el`` per head), back-propagates them (``_coeffs_bwd_last``, no matmul)
+    and through the clip; program 0 adds the hoisted part to ``dtheta, deta, dalpha`` and writes
+    them (and ``d n^2`` to ``HD`` with ``STORE_HD``). Returns the whole ``d n^2`` per token
+    (zero without the clip). Every tile computes it again rather than waiting on a broadcast."""
+    rc = tl.arange(0, BC)
+    gt = gt_ptr + bh * NT * 4 * BC  # R5
+    dcl = _sum_tiles(gt + 2 * BC, NT, 4 * BC, rc)
+    dml = _sum_tiles(gt + 3 * BC, NT, 4 * BC, rc)
+    gs = gs_ptr + bh * NT * 4
+    dbl = _sum_tiles(gs, NT, 4, 0)
+    dgl = _sum_tiles(gs + 1, NT, 4, 0)
+    d_el = _sum_tiles(gs + 2, NT, 4, 0)
+    dth, det, dal = _coeffs_bwd_last(dcl, dml, dbl, dgl, d_el, thc, et, al, valid, aL, dL, pL, beta, E, BC)
+    if CLIP:
+        dth, dn2 = _clip_bwd(dth, th, nrm, r, clip, rmask)
+        dn2 += tl.load(hdp_ptr + bh * BC + rc)
+    else:
+        dn2 = th * 0.0
+    if j == 0:
+        tl.store(dth_ptr + goff, dth + tl.load(dth_ptr + goff, mask=rmask, other=0.0), mask=rmask)
+        tl.store(det_ptr + goff, det + tl.load(det_ptr + goff, mask=rmask, other=0.0), mask=rmask)
+        tl.store(dal_ptr + goff, dal + tl.load(dal_ptr + goff, mask=rmask, other=0.0), mask=rmask)
+        if CLIP and STORE_HD:
+            tl.store(hd_ptr + bh * BC + rc, dn2)
+    return dn2
 
 
 @triton.jit
@@ -649,7 +757,7 @@ def _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
                 T, t0, NT, clip,
                 BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
                 ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-                STASH: tl.constexpr, HOISTED: tl.constexpr = False, FREE: tl.constexpr = False):
+                STASH: tl.constexpr, HOISTED: tl.constexpr = False, FREE: tl.constexpr = False, pm_ptr=None):
     """Phase 4. The per-head part: sums R3, R4, R5, runs the ``c x c`` coefficient backward
     (``_coeffs_bwd``) and the clip backward (every program again, rather than waiting on a
     broadcast; program 0 writes ``dtheta, deta, dalpha``, the per-head ``dq`` term and ``d n^2``).
@@ -659,8 +767,9 @@ def _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
     part, so only the cotangents of the last-row coefficients (``dcl, dml`` per token, ``dbl,
     dgl, d_el`` per head, all through the state adjoint) are summed and back-propagated
     (``_coeffs_bwd_last``, no matmul); program 0 adds that part to ``dtheta, deta, dalpha`` and
-    writes the whole ``d n^2`` (``HDP`` holds the other part). ``FREE`` (with ``HOISTED``): the
-    adjoint-free term of ``d delta1_j`` comes from ``DF1`` (stashed by phase 3)."""
+    writes the whole ``d n^2`` (``HDP`` holds the other part), with the chunk's gate-only vectors
+    from ``PM`` (:func:`_chunk_vectors`). ``FREE`` (with ``HOISTED``): the adjoint-free term of
+    ``d delta1_j`` comes from ``DF1`` (stashed by phase 3)."""
     rc = tl.arange(0, BC)
     rd = tl.arange(0, D)
     ocd = rc[:, None] * D + rd[None, :]
@@ -671,21 +780,23 @@ def _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
         bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, p_ptr, n_ptr, d2s_ptr, j, T, t0, NT, clip, BC, D, RES, CLIP,
         PREC, STASH)
     if FREE:  # (with HOISTED) no q k^T and no c x c coefficient matrix here: their uses come stashed
-        A, Dm, pL, beta, E, g, cl, ml, bl, gl, el = _coeffs_last(thc, et, al, valid, BC)
+        pL, dL, aL, beta, g, E, bl, gl, el = _chunk_vectors(pm_ptr, bh, T, t0, BC)
+        cl, ml = _last_coeffs(thc, valid, pL, dL, BC)
     else:
         A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(thc, et, al, valid, BC)
-        pL = tl.sum(tl.where((rc == valid - 1)[:, None], Pm, 0.0), axis=0)  # Pm's last row
         QK = _mm(q, tl.trans(k), PREC)
-    gt = gt_ptr + bh * NT * 4 * BC  # R5
-    dcl = _sum_tiles(gt + 2 * BC, NT, 4 * BC, rc)
-    dml = _sum_tiles(gt + 3 * BC, NT, 4 * BC, rc)
-    gs = gs_ptr + bh * NT * 4
-    dbl = _sum_tiles(gs, NT, 4, 0)
-    dgl = _sum_tiles(gs + 1, NT, 4, 0)
-    d_el = _sum_tiles(gs + 2, NT, 4, 0)
     if HOISTED:
-        dth, det, dal = _coeffs_bwd_last(dcl, dml, dbl, dgl, d_el, thc, et, al, valid, A, Dm, pL, beta, E, BC)
+        pL, dL, aL, _, _, _, _, _, _ = _chunk_vectors(pm_ptr, bh, T, t0, BC)
+        dn2 = _bwd_coeffs_walk_head(bh, j, gt_ptr, gs_ptr, hdp_ptr, hd_ptr, dth_ptr, det_ptr, dal_ptr, goff, rmask,
+                                    th, thc, et, al, valid, nrm, r, aL, dL, pL, beta, E, NT, clip, BC, CLIP, True)
     else:
+        gt = gt_ptr + bh * NT * 4 * BC  # R5
+        dcl = _sum_tiles(gt + 2 * BC, NT, 4 * BC, rc)
+        dml = _sum_tiles(gt + 3 * BC, NT, 4 * BC, rc)
+        gs = gs_ptr + bh * NT * 4
+        dbl = _sum_tiles(gs, NT, 4, 0)
+        dgl = _sum_tiles(gs + 1, NT, 4, 0)
+        d_el = _sum_tiles(gs + 2, NT, 4, 0)
         go = tl.load(go_ptr + xoff, mask=rmask[:, None], other=0.0)
         XH = _sum_tiles(xh_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R3
         dN1 = _sum_tiles(dn1_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R4
@@ -694,27 +805,20 @@ def _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
         dN2 = -_mm(go, tl.trans(delta2), PREC)
         dth, det, dal = _coeffs_bwd(dN1 * QK + dN2 * XH, dbeta, dg, dcl, dml, dbl, dgl, d_el, thc, et, al, valid,
                                     A, Dm, Pm, beta, E, BC)
-    if CLIP:
-        dth, dn2 = _clip_bwd(dth, th, nrm, r, clip, rmask)
-        if HOISTED:
-            dn2 += tl.load(hdp_ptr + bh * BC + rc)
-    else:
-        dn2 = th * 0.0
-    if j == 0:
-        if HOISTED:
-            dth += tl.load(dth_ptr + goff, mask=rmask, other=0.0)
-            det += tl.load(det_ptr + goff, mask=rmask, other=0.0)
-            dal += tl.load(dal_ptr + goff, mask=rmask, other=0.0)
+        if CLIP:
+            dth, dn2 = _clip_bwd(dth, th, nrm, r, clip, rmask)
         else:
+            dn2 = th * 0.0
+        if j == 0:
             dq_head = _mm(dN1 * C, k, PREC)
             if RES:
                 dq_head += go
             tl.store(dqs_ptr + (bh * (NT + 1) + NT) * BC * D + ocd, dq_head)
-        tl.store(dth_ptr + goff, dth, mask=rmask)
-        tl.store(det_ptr + goff, det, mask=rmask)
-        tl.store(dal_ptr + goff, dal, mask=rmask)
-        if CLIP:
-            tl.store(hd_ptr + bh * BC + rc, dn2)
+            tl.store(dth_ptr + goff, dth, mask=rmask)
+            tl.store(det_ptr + goff, det, mask=rmask)
+            tl.store(dal_ptr + goff, dal, mask=rmask)
+            if CLIP:
+                tl.store(hd_ptr + bh * BC + rc, dn2)
     o1, o2 = _tile_offsets(bh, j, D, F, BF)
     ts = _tile_scratch(bh, j, NT, BC, BF)
     if FREE:
@@ -741,19 +845,23 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
                zs_ptr, us_ptr, d2s_ptr, dh1f_ptr, dd2p_ptr, T, t0, NT, clip,
                BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
                ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-               STASH: tl.constexpr, FREE: tl.constexpr = False, MERGE: tl.constexpr = False):
+               STASH: tl.constexpr, FREE: tl.constexpr = False, MERGE: tl.constexpr = False,
+               AHEAD: tl.constexpr = False, gt_ptr=None, gs_ptr=None, hdp_ptr=None, q2s_ptr=None,
+               dth_ptr=None, det_ptr=None, dal_ptr=None, pm_ptr=None):
     """Phase 5. Sums R6 (``d delta2``; program 0 writes ``dv`` and the per-head ``dk`` term), then
     the tile's ``dz1``, its R8 partial of ``dk``, and the adjoint of its slice of the chunk-start
     state, written in place over the adjoint of the state after the chunk: first the ``W1, S1``
     half (with ``dz1`` and ``dk``), then the ``W2, S2`` half, so that fewer tensors are live at
     once (Triton 3.6 compile report, W1 shapes without ``FREE``: 3296 spill bytes and 144 KB of
     shared memory, against 3692 and 224 KB with the four new adjoint tiles computed before any is
-    stored). ``FREE``: the
+    stored). ``FREE``: the chunk's gate-only vectors come from ``PM`` (:func:`_chunk_vectors`), the
     adjoint-free terms come stashed (``DD2P`` and the per-head ``dk`` slot from
     :func:`_bwd_coeffs_pre`, ``DH1F`` from phase 3), so ``R3``, ``R4`` and ``g_o delta2^T`` are
     not needed here. ``MERGE``: matmuls that add up share one matmul over the concatenated
     contraction axis (9 instead of 13), the stacked operands loaded as one tile where they come
-    from memory."""
+    from memory. ``AHEAD`` (with ``FREE``; the two-launch walk): no phase 4 ran; this phase first
+    does its per-head part (:func:`_bwd_coeffs_walk_head`), then adds the clip terms to what
+    phase 2a left in ``DDL1`` and ``DD2`` (:func:`_bwd_adjoint_ahead`)."""
     rc = tl.arange(0, BC)
     rd = tl.arange(0, D)
     ocd = rc[:, None] * D + rd[None, :]
@@ -765,11 +873,15 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
     delta2, z1, h1, sd1, u, delta1 = _bwd_fetch(k, v, tl.load(w1_ptr + o1), tl.load(w2_ptr + o2),
                                                 p_ptr + bh * NT * BC * D, zs_ptr, us_ptr, d2s_ptr,
                                                 bh, j, rmask, NT, BC, D, BF, ACT, RES, PREC, STASH)
-    thc, _, _, kk, dd1, hh, dd2 = _bwd_clip(k, delta2, th, n_ptr + bh * NT * 2 * BC, NT, clip, BC, CLIP)
+    thc, nrm, r, kk, dd1, hh, dd2 = _bwd_clip(k, delta2, th, n_ptr + bh * NT * 2 * BC, NT, clip, BC, CLIP)
     if FREE:  # the c x c coefficient matrix's uses come stashed: only its last row is needed
-        A, Dm, pL, beta, E, g, cl, ml, bl, gl, el = _coeffs_last(thc, et, al, valid, BC)
+        pL, dL, aL, beta, g, E, bl, gl, el = _chunk_vectors(pm_ptr, bh, T, t0, BC)
+        cl, ml = _last_coeffs(thc, valid, pL, dL, BC)
     else:
         A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(thc, et, al, valid, BC)
+    if AHEAD:
+        dn2 = _bwd_coeffs_walk_head(bh, j, gt_ptr, gs_ptr, hdp_ptr, hd_ptr, dth_ptr, det_ptr, dal_ptr, goff, rmask,
+                                    th, thc, et, al, valid, nrm, r, aL, dL, pL, beta, E, NT, clip, BC, CLIP, False)
     ddelta2 = _sum_tiles(dd2_ptr + bh * NT * BC * D, NT, BC * D, ocd)  # R6
     if FREE:
         ddelta2 += tl.load(dd2p_ptr + bh * BC * D + ocd)
@@ -777,9 +889,12 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
         XH = _sum_tiles(xh_ptr + bh * NT * BC * BC, NT, BC * BC, occ)  # R3 (again)
         ddelta2 -= _mm(tl.trans(XH * C), go, PREC)
     if CLIP:
-        dn2 = tl.load(hd_ptr + bh * BC + rc, cache_modifier=".cg")
-        ddelta2 += (2.0 * dn2 * hh)[:, None] * delta2
-    else:
+        if AHEAD:  # the clip terms of the R6 partials and of d delta2 itself: 2 d n^2 (|k|^2 Q2 + |h1|^2 delta2)
+            ddelta2 += (2.0 * dn2)[:, None] * tl.load(q2s_ptr + bh * BC * D + ocd)
+        else:
+            dn2 = tl.load(hd_ptr + bh * BC + rc, cache_modifier=".cg")
+            ddelta2 += (2.0 * dn2 * hh)[:, None] * delta2
+    elif not AHEAD:
         dn2 = th * 0.0
     dy = 2.0 * ddelta2
     ts = _tile_scratch(bh, j, NT, BC, BF)
@@ -797,6 +912,8 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
         tl.store(dks_ptr + (bh * (NT + 1) + NT) * BC * D + ocd, dk_head)
     # the W1, S1 half: dz1, the dk partial, the new adjoint of W1, S1
     ddelta1 = tl.load(ddl1_ptr + ts)
+    if AHEAD and CLIP:
+        ddelta1 += (2.0 * dn2 * kk)[:, None] * delta1
     if FREE:
         dh1 = tl.load(dh1f_ptr + ts)
     else:
@@ -845,6 +962,8 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
     # loaded again rather than kept live across the half above
     x1 = tl.load(x1_ptr + ts)
     ddelta1 = tl.load(ddl1_ptr + ts)
+    if AHEAD and CLIP:
+        ddelta1 += (2.0 * dn2 * kk)[:, None] * delta1
     tx1 = tl.trans(x1)
     aw2 = tl.load(aw2_ptr + o2)
     as2 = tl.load(as2_ptr + o2)
@@ -887,10 +1006,11 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
                         w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
                         p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, dqs_ptr, dks_ptr, x1_ptr, da1_ptr,
                         zs_ptr, us_ptr, d2s_ptr, hdp_ptr, df1_ptr, dh1f_ptr, dd2p_ptr, gs_ptr, dd2_ptr, ddl1_ptr,
-                        hd_ptr, pm_ptr, BH, T, c0, s_walk, NT, clip,
+                        hd_ptr, pm_ptr, q2s_ptr, BH, T, c0, s_walk, NT, clip,
                         BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
                         ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-                        PHASE: tl.constexpr, FREE: tl.constexpr = False, MERGE: tl.constexpr = False):
+                        PHASE: tl.constexpr, FREE: tl.constexpr = False, MERGE: tl.constexpr = False,
+                        AHEAD: tl.constexpr = False):
     """One phase of the segment walk for tile ``program_id(0)`` of head ``program_id(1)``: for
     ``PHASE`` ``SEG_KEYS, SEG_NORMS, SEG_RETRIEVAL`` (phases 1, 2 without the adjoint, 3) and
     ``SEG_COEFFS_PRE`` (the adjoint-free part of phase 4's per-head coefficient backward, one
@@ -902,7 +1022,11 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
     adjoint-free terms of phases 4 and 5 (``DF1, DH1F, DD2P`` and the per-head ``dk`` slot), which
     the walk then reads instead of computing them. ``PM``: every chunk's gate-only ``c x c``
     product ``A Dm`` (``_coeff_products_kernel``), which phases 3 and ``SEG_COEFFS_PRE`` read
-    instead of computing it. ``MERGE``: phase 5's matmuls merged (:func:`_bwd_state`)."""
+    instead of computing it. ``MERGE``: phase 5's matmuls merged (:func:`_bwd_state`).
+    ``AHEAD`` (with ``FREE``): the two-launch walk, ``SEG_GATES`` then ``SEG_STATE`` per chunk,
+    phase 4's tile work done ahead in ``SEG_GATES`` (:func:`_bwd_adjoint_ahead`) and its per-head
+    part at the start of ``SEG_STATE``; ``Q2S`` (one ``[BH, BC, D]`` slot per chunk) from
+    ``SEG_COEFFS_PRE``."""
     j = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     if PHASE <= 3 or PHASE == 7:  # SEG_KEYS .. SEG_RETRIEVAL, SEG_COEFFS_PRE: over the chunks
@@ -932,6 +1056,7 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
     df1 = df1_ptr + s * tile * BF
     dh1f = dh1f_ptr + s * tile * BF
     dd2p = dd2p_ptr + s * BH * BC * D
+    q2s = q2s_ptr + s * BH * BC * D
     if PHASE == 1:  # SEG_KEYS
         _bwd_keys(bh, j, k_ptr, w1, w2, p, T, t0, NT, BC, D, F, BF, ACT, PREC)
     elif PHASE == 2:  # SEG_NORMS
@@ -947,10 +1072,13 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
         k = _rows(k_ptr, bh, T, t0, BC, D)
         w1t = tl.load(w1 + o1)
         w2t = tl.load(w2 + o2)
-        delta2, _, h1, _, _, delta1 = _bwd_fetch(k, k, w1t, w2t, p + bh * NT * BC * D, zs, us, d2s, bh, j, rmask,
-                                                 NT, BC, D, BF, ACT, RES, PREC, True)
-        _bwd_adjoint_gates(bh, j, k, delta2, h1, delta1, w1t, w2t, o1, o2, s1, s2, aw1_ptr, as1_ptr, aw2_ptr,
-                           as2_ptr, gt, gs_ptr, NT, BC, PREC)
+        delta2, _, h1, sd1, _, delta1 = _bwd_fetch(k, k, w1t, w2t, p + bh * NT * BC * D, zs, us, d2s, bh, j,
+                                                   rmask, NT, BC, D, BF, ACT, RES, PREC, True)
+        ka1, ks1, ha2, hs2 = _bwd_adjoint_gates(bh, j, k, delta2, h1, delta1, w1t, w2t, o1, o2, s1, s2, aw1_ptr,
+                                                as1_ptr, aw2_ptr, as2_ptr, gt, gs_ptr, NT, BC, PREC)
+        if AHEAD:
+            _bwd_adjoint_ahead(bh, j, k, delta2, sd1, ka1, ks1, ha2, hs2, w2t, th_ptr, pm_ptr,
+                               n + bh * NT * 2 * BC, df1, ddl1_ptr, dd2_ptr, T, t0, NT, clip, BC, D, BF, CLIP, PREC)
     elif PHASE == 3:  # SEG_RETRIEVAL
         _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, w1, s1, w2, s2,
                        p, n, xh, dn1, gt, dqs, x1, da1, zs, us, d2s, df1, dh1f, T, t0, NT, clip,
@@ -958,14 +1086,14 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
     elif PHASE == 7:  # SEG_COEFFS_PRE
         _bwd_coeffs_pre(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, p, n, xh, dn1, gt, dqs, hdp,
                         dth_ptr, det_ptr, dal_ptr, d2s, dd2p, dks, pm_ptr, T, t0, NT, clip, BC, D, RES, CLIP, PREC,
-                        FREE)
+                        FREE, AHEAD, q2s, zs, us, w2, F, BF, ACT)
     elif PHASE == 5 or PHASE == 8:  # SEG_COEFFS, SEG_COEFFS_WALK
         _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, w1, w2,
                     aw1_ptr, as1_ptr, aw2_ptr, as2_ptr, p, n, xh, dn1, gt, gs_ptr, dqs, da1, ddl1_ptr, dd2_ptr,
                     hd_ptr, hdp, dth_ptr, det_ptr, dal_ptr, zs, us, d2s, df1, T, t0, NT, clip,
-                    BC, D, F, BF, ACT, RES, CLIP, PREC, True, PHASE == 8, FREE)
+                    BC, D, F, BF, ACT, RES, CLIP, PREC, True, PHASE == 8, FREE, pm_ptr)
     else:  # SEG_STATE
         _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_ptr, w1, w2,
                    aw1_ptr, as1_ptr, aw2_ptr, as2_ptr, p, n, xh, dn1, dd2_ptr, hd_ptr, dks, x1, da1, ddl1_ptr,
                    zs, us, d2s, dh1f, dd2p, T, t0, NT, clip, BC, D, F, BF, ACT, RES, CLIP, PREC, True, FREE,
-                   MERGE)
+                   MERGE, AHEAD, gt, gs_ptr, hdp, q2s, dth_ptr, det_ptr, dal_ptr, pm_ptr)
