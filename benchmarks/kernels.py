@@ -579,6 +579,8 @@ def run_aot_tiled(tiles=(4, 8)) -> int:
             *((TP._fwd_persistent_kernel, dict(OUT=False, SAVE=True, STASH=True, **code), 8,
                f"persistent walk (split fwd) {'+'.join(code) or 'default'}")
               for code in ({}, dict(LATE_SAVE=True), dict(PREFETCH=True), dict(MERGE=True))),
+            (TT._coeff_products_kernel, dict(CV=TT.CV_ROWS.value), 8, "coefficient products (all chunks)"),
+            (TT._coeff_vectors_kernel, dict(CV=TT.CV_ROWS.value), 2, "coefficient vectors (all chunks)"),
             (TP._bwd_kernel, dict(PHASE=0), 4, "persistent bwd"),
             (TP._bwd_kernel, dict(PHASE=0), 8, "persistent bwd"),
             (TP._bwd_kernel, dict(PHASE=0, STASH=True), 8, "persistent bwd, stash"),

@@ -504,7 +504,7 @@ def diag_bwd(T: int = 8192, variant=None) -> None:
     for kw in opts:
         graph = kw["bwd_graph"]
         pre = SEG_PREPASS + (["4' coefficients, adjoint-free part (all chunks)"] if kw.get("hoist_coeffs", True) else [])
-        ahead = kw.get("walk_launches") in (None, 2) and kw.get("hoist_coeffs", True) and kw.get("hoist_free", True)
+        ahead = kw.get("walk_launches") == 2
         seg_walk = SEG_WALK_AHEAD if ahead else SEG_WALK
         n_tiles = _full(variant)[0] if variant is not None else 4
 

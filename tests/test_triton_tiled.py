@@ -490,7 +490,8 @@ def _coeffs_bwd_kernel(th_ptr, et_ptr, al_ptr, dC_ptr, vec_ptr, sc_ptr, out_ptr,
     dgl = tl.load(sc_ptr + 1)
     d_el = tl.load(sc_ptr + 2)
     A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs(th, et, al, valid, BC)
-    pL, dL, aL, beta2, g2, E2, bl2, gl2, el2 = _last_row_vectors(et, al, valid, BC)
+    et_next = tl.load(et_ptr + rc + 1, mask=rc + 1 < valid, other=1.0)
+    pL, dL, aL, beta2, g2, E2, bl2, gl2, el2 = _last_row_vectors(et, et_next, al, valid, BC)
     cl2, ml2 = _last_coeffs(th, valid, pL, dL, BC)
     zero = th * 0.0
     z0 = tl.sum(zero, axis=0)

@@ -186,16 +186,39 @@ def _coeffs_given(th, et, al, valid, Pm, BC: tl.constexpr):
 
 
 @triton.jit
-def _last_row_vectors(et, al, valid, BC: tl.constexpr):
+def _first_order_combine(a1, b1, a2, b2):
+    """Combine of a scan for ``y_i = a_i y_{i-1} + b_i``: ``(a, b)`` pairs compose as affine maps."""
+    return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def _last_row_vectors(et, et_next, al, valid, BC: tl.constexpr):
     """The gate-only vectors of a chunk that the serial chunk loops need, computed once per chunk
     and head off the serial path (``_coeff_products_kernel`` of the tiled kernels): ``(pL, dL,
     aL, beta, g, E, bl, gl, el)``, with ``pL, dL, aL`` the last valid rows of ``Pm = A Dm``,
-    ``Dm`` and ``A``. The last-row coefficients are then ``cl = pL theta``, ``ml = dL theta``
-    (:func:`_last_coeffs`) for any (clipped) step ``theta``."""
-    A, Dm, beta, E, g, thm, last, ml, bl, gl, el = _decays(et * 0.0, et, al, valid, BC)
-    aL = tl.sum(tl.where(last[:, None], A, 0.0), axis=0)
-    dL = tl.sum(tl.where(last[:, None], Dm, 0.0), axis=0)
-    pL = tl.sum(aL[:, None] * Dm, axis=0)
+    ``Dm`` and ``A`` (as :func:`_decays` defines them). The last-row coefficients are then ``cl =
+    pL theta``, ``ml = dL theta`` (:func:`_last_coeffs`) for any (clipped) step ``theta``. No ``c
+    x c`` work: cumulative sums, exponentials and two first-order scans, ``g_i = (1 - alpha_i)
+    g_{i-1} + E_i`` and ``pL_j = aL_j + eta_{j+1} pL_{j+1}``; ``et_next`` is ``eta`` one token on
+    (1 past the chunk's valid rows)."""
+    rows = tl.arange(0, BC)
+    inb = rows < valid
+    last = rows == (valid - 1)
+    ka = tl.where(inb, tl.maximum(1.0 - al, _TINY), 1.0)
+    ea = tl.where(inb, tl.maximum(et, _TINY), 1.0)
+    ck = tl.cumsum(tl.log(ka), axis=0)
+    ce = tl.cumsum(tl.log(ea), axis=0)
+    beta = tl.exp(ck)
+    E = tl.exp(ce)
+    upto = rows <= (valid - 1)
+    aL = tl.where(upto, tl.exp(tl.sum(tl.where(last, ck, 0.0), axis=0) - ck), 0.0)
+    dL = tl.where(upto, tl.exp(tl.sum(tl.where(last, ce, 0.0), axis=0) - ce), 0.0)
+    _, g = tl.associative_scan((ka, E), 0, _first_order_combine)
+    en = tl.where(rows + 1 < valid, tl.maximum(et_next, _TINY), 1.0)
+    _, pL = tl.associative_scan((en, aL), 0, _first_order_combine, reverse=True)
+    bl = tl.sum(tl.where(last, beta, 0.0), axis=0)
+    gl = tl.sum(tl.where(last, g, 0.0), axis=0)
+    el = tl.sum(tl.where(last, E, 0.0), axis=0)
     return pL, dL, aL, beta, g, E, bl, gl, el
 
 
@@ -205,11 +228,6 @@ def _last_coeffs(th, valid, pL, dL, BC: tl.constexpr):
     are padding) and its :func:`_last_row_vectors` ``pL, dL``: no ``c x c`` work."""
     thm = tl.where(tl.arange(0, BC) < valid, th, 0.0)
     return pL * thm, dL * thm
-
-
-@triton.jit
-def _first_order_combine(a1, b1, a2, b2):
-    return a1 * a2, b1 * a2 + b2
 
 
 @triton.jit

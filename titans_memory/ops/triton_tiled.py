@@ -43,6 +43,7 @@ from .triton_tiled_kernels import (
     _bwd_segment_kernel,
     CV_ROWS,
     _coeff_products_kernel,
+    _coeff_vectors_kernel,
     _keys_kernel,
     _norms_kernel,
     _output_kernel,
@@ -196,8 +197,8 @@ def resolve_persistent(persistent: Optional[bool], NT: int, dev: torch.device) -
 def coefficient_products(gates, BC: int) -> Tensor:
     """``[BH, n_chunks, BC + CV_ROWS, BC]``: every chunk's gate-only ``c x c`` product ``A Dm``
     and its gate-only last-row vectors (fp32), one program per head and chunk
-    (``_coeff_products_kernel``), for the kernels that would otherwise compute them inside their
-    serial chunk loops. ``gates = (theta, eta, alpha)`` ``[BH, T]``."""
+    (``_coeff_products_kernel``, ``_coeff_vectors_kernel``), for the kernels that would otherwise
+    compute them inside their serial chunk loops. ``gates = (theta, eta, alpha)`` ``[BH, T]``."""
     _, et, al = gates
     BH, T = et.shape
     nc = -(-T // BC)
@@ -206,6 +207,7 @@ def coefficient_products(gates, BC: int) -> Tensor:
     if nc:
         # 8 warps: with 4, ptxas spills most of the fp32 FMA matmul (Triton 3.6 compile report)
         _coeff_products_kernel[(BH, nc)](et, al, pm, T, BC=BC, CV=cv, num_warps=8, num_stages=1)
+        _coeff_vectors_kernel[(BH, nc)](et, al, pm, T, BC=BC, CV=cv, num_warps=2, num_stages=1)
     return pm
 
 
@@ -458,10 +460,12 @@ def _backward_scratch(cfg: _TrainCfg, dev, segmented: bool) -> dict:
         shapes.update(HDP=(BH, BC))
         if cfg.hoist_free:
             shapes.update(DF1=(BH, NT, BC, BF), DH1F=(BH, NT, BC, BF), DD2P=(BH, BC, d))
+        if cfg.hoist_free and cfg.CLIP:  # the clip's per-token vectors, read by the walk
+            shapes.update(CLV=(BH, 7, BC))
         if cfg.ahead and cfg.CLIP:  # the clip terms of d delta2 in the two-launch walk
             shapes.update(Q2S=(BH, BC, d))
         per_chunk = ("P", "N", "XH", "DN1", "GT", "DQ", "DK", "X1", "DA1", "ZS", "US", "D2S", "HDP", "DF1", "DH1F",
-                     "DD2P", "Q2S")
+                     "DD2P", "Q2S", "CLV")
         lead = {name: min(cfg.K, cfg.n_chunks) for name in per_chunk}
     else:
         lead = dict(P=2, DQ=2, DK=2)
@@ -491,7 +495,8 @@ def _backward_walk(cfg: _TrainCfg, xs, gates, go, starts, adj, scr, grads, c0: i
                *(scr[name] for name in ("P", "N", "XH", "DN1", "GT", "DQ", "DK", "X1", "DA1", "ZS", "US", "D2S",
                                         "HDP")),
                *((scr["DF1"], scr["DH1F"], scr["DD2P"]) if cfg.hoist_free else (scr["HDP"],) * 3),
-               *(scr[name] for name in ("GS", "DD2", "DDL1", "HD", "PM")), scr.get("Q2S", scr["HD"]), BH, cfg.T, c0)
+               *(scr[name] for name in ("GS", "DD2", "DDL1", "HD", "PM")), scr.get("Q2S", scr["HD"]),
+               scr.get("CLV", scr["HD"]), BH, cfg.T, c0)
         meta["FREE"] = cfg.hoist_free
         meta["AHEAD"] = cfg.ahead
         par = dict(meta, num_warps=SEGMENT_PHASE_WARPS or meta["num_warps"], PREC=SEGMENT_PHASE_PREC or meta["PREC"])

@@ -88,12 +88,11 @@ CV_ROWS = tl.constexpr(7)
 
 @triton.jit
 def _coeff_products_kernel(et_ptr, al_ptr, pm_ptr, T, BC: tl.constexpr, CV: tl.constexpr):
-    """The gate-only coefficients of chunk ``program_id(1)`` of head ``program_id(0)`` into ``PM``
-    ``[BH, n_chunks, BC + CV, BC]``: rows ``0 .. BC - 1`` ``Pm = A Dm`` (``c x c``, fp32 FMA), then
-    the ``CV = CV_ROWS`` rows of :func:`_last_row_vectors`. They depend on the gates ``eta, alpha``
-    only, so they are computed for all chunks at once rather than inside the serial chunk loops,
-    where this one fp32 matmul took a large part of a chunk's time, and the vectors' ``c x c``
-    decay matrices much of the rest (benchmarks/RESULTS.md, 2026-12-02 and -03)."""
+    """``Pm = A Dm`` (``c x c``, fp32 FMA) of chunk ``program_id(1)`` of head ``program_id(0)``
+    into rows ``0 .. BC - 1`` of ``PM`` ``[BH, n_chunks, BC + CV, BC]`` (the ``CV = CV_ROWS`` rows
+    after them: ``_coeff_vectors_kernel``). It depends on the gates ``eta, alpha`` only, so it is
+    computed for all chunks at once rather than inside the serial chunk loops, where this one
+    fp32 matmul took a large part of a chunk's time (benchmarks/RESULTS.md, 2026-12-02)."""
     bh = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1)
     rc = tl.arange(0, BC)
@@ -104,10 +103,28 @@ def _coeff_products_kernel(et_ptr, al_ptr, pm_ptr, T, BC: tl.constexpr, CV: tl.c
     al = tl.load(al_ptr + bh * T + t0 + rc, mask=rmask, other=0.0)
     A, Dm, beta, E, g, thm, last, ml, bl, gl, el = _decays(tl.zeros([BC], dtype=tl.float32), et, al, valid, BC)
     n_chunks = (T + BC - 1) // BC
-    dst = pm_ptr + (bh * n_chunks + n) * (BC + CV) * BC
-    tl.store(dst + rc[:, None] * BC + rc[None, :], tl.dot(A, Dm, input_precision="ieee"))
-    pL, dL, aL, beta, g, E, bl, gl, el = _last_row_vectors(et, al, valid, BC)
-    dst += BC * BC
+    tl.store(pm_ptr + (bh * n_chunks + n) * (BC + CV) * BC + rc[:, None] * BC + rc[None, :],
+             tl.dot(A, Dm, input_precision="ieee"))
+
+
+@triton.jit
+def _coeff_vectors_kernel(et_ptr, al_ptr, pm_ptr, T, BC: tl.constexpr, CV: tl.constexpr):
+    """The gate-only vectors of :func:`_last_row_vectors` of chunk ``program_id(1)`` of head
+    ``program_id(0)`` into the ``CV = CV_ROWS`` rows after its ``Pm`` in ``PM``: ``pL, dL, aL,
+    beta, g, E`` and ``(bl, gl, el, 0 ..)``, read by the serial chunk loops instead of their
+    ``c x c`` decay work (:func:`_chunk_vectors`)."""
+    bh = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1)
+    rc = tl.arange(0, BC)
+    t0 = n * BC
+    valid = tl.minimum(T - t0, BC)
+    rmask = rc < valid
+    et = tl.load(et_ptr + bh * T + t0 + rc, mask=rmask, other=1.0)
+    al = tl.load(al_ptr + bh * T + t0 + rc, mask=rmask, other=0.0)
+    et_next = tl.load(et_ptr + bh * T + t0 + rc + 1, mask=rc + 1 < valid, other=1.0)
+    pL, dL, aL, beta, g, E, bl, gl, el = _last_row_vectors(et, et_next, al, valid, BC)
+    n_chunks = (T + BC - 1) // BC
+    dst = pm_ptr + (bh * n_chunks + n) * (BC + CV) * BC + BC * BC
     tl.store(dst + rc, pL)
     tl.store(dst + BC + rc, dL)
     tl.store(dst + 2 * BC + rc, aL)
@@ -412,11 +429,23 @@ def _bwd_fetch(k, v, w1, w2, p_head, zs_ptr, us_ptr, d2s_ptr, bh, j, rmask, NT, 
 
 
 @triton.jit
-def _bwd_clip(k, delta2, th, n_head, NT, clip, BC: tl.constexpr, CLIP: tl.constexpr):
+def _bwd_clip(k, delta2, th, n_head, NT, clip, BC: tl.constexpr, CLIP: tl.constexpr, clv_ptr=None, bh=0,
+              GIVEN: tl.constexpr = False):
     """R2 and the clipped step ``theta' = theta s``. Returns ``(theta', |G|, ratio, |k|^2,
-    sum_j |delta1_j|^2, sum_j |h1_j|^2, |delta2|^2)`` per token (dummies without the clip)."""
-    if CLIP:
-        rc = tl.arange(0, BC)
+    sum_j |delta1_j|^2, sum_j |h1_j|^2, |delta2|^2)`` per token (dummies without the clip).
+    ``GIVEN``: read from head ``bh``'s ``[7, BC]`` slot of the clip vectors ``clv_ptr``, which
+    :func:`_bwd_coeffs_pre` stores for the segment walk (``CLV``), instead of computed."""
+    rc = tl.arange(0, BC)
+    if CLIP and GIVEN:
+        clv_head = clv_ptr + bh * 7 * BC
+        thc = tl.load(clv_head + rc)
+        nrm = tl.load(clv_head + BC + rc)
+        r = tl.load(clv_head + 2 * BC + rc)
+        kk = tl.load(clv_head + 3 * BC + rc)
+        dd1 = tl.load(clv_head + 4 * BC + rc)
+        hh = tl.load(clv_head + 5 * BC + rc)
+        dd2 = tl.load(clv_head + 6 * BC + rc)
+    elif CLIP:
         dd1 = _sum_tiles(n_head, NT, 2 * BC, rc)
         hh = _sum_tiles(n_head + BC, NT, 2 * BC, rc)
         kk = tl.sum(k * k, axis=1)
@@ -526,7 +555,7 @@ def _bwd_adjoint_gates(bh, j, k, delta2, h1, delta1, w1, w2, o1, o2, s1_ptr, s2_
 
 
 @triton.jit
-def _bwd_adjoint_ahead(bh, j, k, delta2, sd1, ka1, ks1, ha2, hs2, w2, th_ptr, pm_ptr, n_head, df1_ptr,
+def _bwd_adjoint_ahead(bh, j, k, delta2, sd1, ka1, ks1, ha2, hs2, w2, th_ptr, pm_ptr, clv_ptr, df1_ptr,
                        ddl1_ptr, dd2_ptr, T, t0, NT, clip, BC: tl.constexpr, D: tl.constexpr, BF: tl.constexpr,
                        CLIP: tl.constexpr, PREC: tl.constexpr):
     """Phase 4's tile work done ahead, in phase 2a (``AHEAD`` of the segment walk): the last-row
@@ -542,7 +571,7 @@ def _bwd_adjoint_ahead(bh, j, k, delta2, sd1, ka1, ks1, ha2, hs2, w2, th_ptr, pm
     goff = bh * T + t0 + rc
     rmask = rc < valid
     th = tl.load(th_ptr + goff, mask=rmask, other=0.0)
-    thc, _, _, _, _, _, _ = _bwd_clip(k, delta2, th, n_head, NT, clip, BC, CLIP)
+    thc, _, _, _, _, _, _ = _bwd_clip(k, delta2, th, clv_ptr, NT, clip, BC, CLIP, clv_ptr, bh, True)
     pL, dL, _, _, _, _, _, _, _ = _chunk_vectors(pm_ptr, bh, T, t0, BC)
     cl, ml = _last_coeffs(thc, valid, pL, dL, BC)
     ts = _tile_scratch(bh, j, NT, BC, BF)
@@ -643,14 +672,16 @@ def _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
 @triton.jit
 def _bwd_coeff_inputs(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, p_ptr, n_ptr, d2s_ptr, j, T, t0, NT, clip,
                       BC: tl.constexpr, D: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr,
-                      PREC: tl.constexpr, STASH: tl.constexpr):
+                      PREC: tl.constexpr, STASH: tl.constexpr, clv_ptr=None, GIVEN: tl.constexpr = False):
     """What phase 4 needs of the forward: the chunk's rows and gates, ``delta2`` (tile ``j``'s
-    stash or R1) and the clipped step (the callers compute the chunk coefficients from it)."""
+    stash or R1) and the clipped step with the clip's per-token vectors (:func:`_bwd_clip`,
+    ``GIVEN`` as there; the callers compute the chunk coefficients from it)."""
     q, k, v, th, et, al, valid, rmask, xoff, goff = _load_chunk(
         q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, bh, T, t0, BC, D)
     delta2 = _bwd_delta2(k, v, p_ptr + bh * NT * BC * D, d2s_ptr, bh, j, rmask, NT, BC, D, RES, STASH)
-    thc, nrm, r, kk, dd1, hh, dd2 = _bwd_clip(k, delta2, th, n_ptr + bh * NT * 2 * BC, NT, clip, BC, CLIP)
-    return q, k, th, et, al, valid, rmask, xoff, goff, delta2, thc, nrm, r, kk
+    thc, nrm, r, kk, dd1, hh, dd2 = _bwd_clip(k, delta2, th, n_ptr + bh * NT * 2 * BC, NT, clip, BC, CLIP,
+                                              clv_ptr, bh, GIVEN)
+    return q, k, th, et, al, valid, rmask, xoff, goff, delta2, thc, nrm, r, kk, dd1, hh, dd2
 
 
 @triton.jit
@@ -659,7 +690,7 @@ def _bwd_coeffs_pre(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, p_p
                     clip, BC: tl.constexpr, D: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr,
                     PREC: tl.constexpr, FREE: tl.constexpr = False, AHEAD: tl.constexpr = False,
                     q2s_ptr=None, zs_ptr=None, us_ptr=None, w2_ptr=None, F: tl.constexpr = 1, BF: tl.constexpr = 1,
-                    ACT: tl.constexpr = "identity"):
+                    ACT: tl.constexpr = "identity", clv_ptr=None):
     """The adjoint-free part of phase 4's per-head coefficient backward (one program per head and
     chunk; the segment walk runs it for all chunks of a segment before walking them): sums R3,
     R4 and the per-token R5 terms ``dbeta, dg`` (all from the retrieval backward), runs
@@ -671,14 +702,25 @@ def _bwd_coeffs_pre(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, p_p
     C)^T g_o`` of ``d delta2`` (``DD2P``) and ``(dN1 * C)^T q`` of the per-head ``dk`` term (its
     slot of ``DK``, which phase 5 completes). ``AHEAD`` (the two-launch walk) with the clip: also
     ``Q2S = |k|^2 sum_j (delta1_j act'(z1_j)) W2_j + |h1|^2 delta2`` per token, what phase 5
-    scales by ``2 d n^2`` for the clip terms of ``d delta2`` (:func:`_bwd_adjoint_ahead`)."""
+    scales by ``2 d n^2`` for the clip terms of ``d delta2`` (:func:`_bwd_adjoint_ahead`). ``FREE``
+    with the clip: also the clip's per-token vectors of :func:`_bwd_clip` into the head's slot of
+    ``CLV`` (``[BH, 7, BC]``), which the walk reads instead of computing them."""
     rc = tl.arange(0, BC)
     rd = tl.arange(0, D)
     ocd = rc[:, None] * D + rd[None, :]
     occ = rc[:, None] * BC + rc[None, :]
-    q, k, th, et, al, valid, rmask, xoff, goff, delta2, thc, nrm, r, kk = _bwd_coeff_inputs(
+    q, k, th, et, al, valid, rmask, xoff, goff, delta2, thc, nrm, r, kk, dd1, hh, dd2 = _bwd_coeff_inputs(
         bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, p_ptr, n_ptr, d2s_ptr, 0, T, t0, NT, clip, BC, D, RES, CLIP,
-        PREC, True)
+        PREC, True, clv_ptr, False)
+    if FREE and CLIP:
+        clv = clv_ptr + bh * 7 * BC
+        tl.store(clv + rc, thc)
+        tl.store(clv + BC + rc, nrm)
+        tl.store(clv + 2 * BC + rc, r)
+        tl.store(clv + 3 * BC + rc, kk)
+        tl.store(clv + 4 * BC + rc, dd1)
+        tl.store(clv + 5 * BC + rc, hh)
+        tl.store(clv + 6 * BC + rc, dd2)
     A, Dm, Pm, C, beta, E, g, cl, ml, bl, gl, el = _coeffs_given(thc, et, al, valid,
                                                                  _chunk_products(pm_ptr, bh, T, t0, BC), BC)
     QK = _mm(q, tl.trans(k), PREC)
@@ -712,7 +754,6 @@ def _bwd_coeffs_pre(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, p_p
             sd1 = _act_d(tl.load(zs_ptr + ts), ACT)
             _, o2 = _tile_offsets(bh, jj, D, F, BF)
             q2 += _mm(tl.load(us_ptr + ts) * sd1 * sd1, tl.load(w2_ptr + o2), PREC)
-        hh = _sum_tiles(n_ptr + bh * NT * 2 * BC + BC, NT, 2 * BC, rc)
         tl.store(q2s_ptr + bh * BC * D + ocd, kk[:, None] * q2 + hh[:, None] * delta2)
 
 
@@ -757,7 +798,8 @@ def _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
                 T, t0, NT, clip,
                 BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
                 ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
-                STASH: tl.constexpr, HOISTED: tl.constexpr = False, FREE: tl.constexpr = False, pm_ptr=None):
+                STASH: tl.constexpr, HOISTED: tl.constexpr = False, FREE: tl.constexpr = False, pm_ptr=None,
+                clv_ptr=None):
     """Phase 4. The per-head part: sums R3, R4, R5, runs the ``c x c`` coefficient backward
     (``_coeffs_bwd``) and the clip backward (every program again, rather than waiting on a
     broadcast; program 0 writes ``dtheta, deta, dalpha``, the per-head ``dq`` term and ``d n^2``).
@@ -776,9 +818,9 @@ def _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr,
     occ = rc[:, None] * BC + rc[None, :]
     # the per-head coefficient backward first, the tile's hidden activations after it: fewer
     # tensors live at once (this phase spilled most)
-    q, k, th, et, al, valid, rmask, xoff, goff, delta2, thc, nrm, r, kk = _bwd_coeff_inputs(
+    q, k, th, et, al, valid, rmask, xoff, goff, delta2, thc, nrm, r, kk, dd1, hh, dd2 = _bwd_coeff_inputs(
         bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, p_ptr, n_ptr, d2s_ptr, j, T, t0, NT, clip, BC, D, RES, CLIP,
-        PREC, STASH)
+        PREC, STASH, clv_ptr, HOISTED and FREE)
     if FREE:  # (with HOISTED) no q k^T and no c x c coefficient matrix here: their uses come stashed
         pL, dL, aL, beta, g, E, bl, gl, el = _chunk_vectors(pm_ptr, bh, T, t0, BC)
         cl, ml = _last_coeffs(thc, valid, pL, dL, BC)
@@ -847,7 +889,7 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
                ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
                STASH: tl.constexpr, FREE: tl.constexpr = False, MERGE: tl.constexpr = False,
                AHEAD: tl.constexpr = False, gt_ptr=None, gs_ptr=None, hdp_ptr=None, q2s_ptr=None,
-               dth_ptr=None, det_ptr=None, dal_ptr=None, pm_ptr=None):
+               dth_ptr=None, det_ptr=None, dal_ptr=None, pm_ptr=None, clv_ptr=None):
     """Phase 5. Sums R6 (``d delta2``; program 0 writes ``dv`` and the per-head ``dk`` term), then
     the tile's ``dz1``, its R8 partial of ``dk``, and the adjoint of its slice of the chunk-start
     state, written in place over the adjoint of the state after the chunk: first the ``W1, S1``
@@ -873,7 +915,8 @@ def _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_pt
     delta2, z1, h1, sd1, u, delta1 = _bwd_fetch(k, v, tl.load(w1_ptr + o1), tl.load(w2_ptr + o2),
                                                 p_ptr + bh * NT * BC * D, zs_ptr, us_ptr, d2s_ptr,
                                                 bh, j, rmask, NT, BC, D, BF, ACT, RES, PREC, STASH)
-    thc, nrm, r, kk, dd1, hh, dd2 = _bwd_clip(k, delta2, th, n_ptr + bh * NT * 2 * BC, NT, clip, BC, CLIP)
+    thc, nrm, r, kk, dd1, hh, dd2 = _bwd_clip(k, delta2, th, n_ptr + bh * NT * 2 * BC, NT, clip, BC, CLIP,
+                                              clv_ptr, bh, FREE)
     if FREE:  # the c x c coefficient matrix's uses come stashed: only its last row is needed
         pL, dL, aL, beta, g, E, bl, gl, el = _chunk_vectors(pm_ptr, bh, T, t0, BC)
         cl, ml = _last_coeffs(thc, valid, pL, dL, BC)
@@ -1006,7 +1049,7 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
                         w1_ptr, s1_ptr, w2_ptr, s2_ptr, aw1_ptr, as1_ptr, aw2_ptr, as2_ptr,
                         p_ptr, n_ptr, xh_ptr, dn1_ptr, gt_ptr, dqs_ptr, dks_ptr, x1_ptr, da1_ptr,
                         zs_ptr, us_ptr, d2s_ptr, hdp_ptr, df1_ptr, dh1f_ptr, dd2p_ptr, gs_ptr, dd2_ptr, ddl1_ptr,
-                        hd_ptr, pm_ptr, q2s_ptr, BH, T, c0, s_walk, NT, clip,
+                        hd_ptr, pm_ptr, q2s_ptr, clv_ptr, BH, T, c0, s_walk, NT, clip,
                         BC: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
                         ACT: tl.constexpr, RES: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
                         PHASE: tl.constexpr, FREE: tl.constexpr = False, MERGE: tl.constexpr = False,
@@ -1057,6 +1100,7 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
     dh1f = dh1f_ptr + s * tile * BF
     dd2p = dd2p_ptr + s * BH * BC * D
     q2s = q2s_ptr + s * BH * BC * D
+    clv = clv_ptr + s * BH * 7 * BC
     if PHASE == 1:  # SEG_KEYS
         _bwd_keys(bh, j, k_ptr, w1, w2, p, T, t0, NT, BC, D, F, BF, ACT, PREC)
     elif PHASE == 2:  # SEG_NORMS
@@ -1077,8 +1121,8 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
         ka1, ks1, ha2, hs2 = _bwd_adjoint_gates(bh, j, k, delta2, h1, delta1, w1t, w2t, o1, o2, s1, s2, aw1_ptr,
                                                 as1_ptr, aw2_ptr, as2_ptr, gt, gs_ptr, NT, BC, PREC)
         if AHEAD:
-            _bwd_adjoint_ahead(bh, j, k, delta2, sd1, ka1, ks1, ha2, hs2, w2t, th_ptr, pm_ptr,
-                               n + bh * NT * 2 * BC, df1, ddl1_ptr, dd2_ptr, T, t0, NT, clip, BC, D, BF, CLIP, PREC)
+            _bwd_adjoint_ahead(bh, j, k, delta2, sd1, ka1, ks1, ha2, hs2, w2t, th_ptr, pm_ptr, clv, df1, ddl1_ptr,
+                               dd2_ptr, T, t0, NT, clip, BC, D, BF, CLIP, PREC)
     elif PHASE == 3:  # SEG_RETRIEVAL
         _bwd_retrieval(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, w1, s1, w2, s2,
                        p, n, xh, dn1, gt, dqs, x1, da1, zs, us, d2s, df1, dh1f, T, t0, NT, clip,
@@ -1086,14 +1130,14 @@ def _bwd_segment_kernel(q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_
     elif PHASE == 7:  # SEG_COEFFS_PRE
         _bwd_coeffs_pre(bh, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, p, n, xh, dn1, gt, dqs, hdp,
                         dth_ptr, det_ptr, dal_ptr, d2s, dd2p, dks, pm_ptr, T, t0, NT, clip, BC, D, RES, CLIP, PREC,
-                        FREE, AHEAD, q2s, zs, us, w2, F, BF, ACT)
+                        FREE, AHEAD, q2s, zs, us, w2, F, BF, ACT, clv)
     elif PHASE == 5 or PHASE == 8:  # SEG_COEFFS, SEG_COEFFS_WALK
         _bwd_coeffs(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, w1, w2,
                     aw1_ptr, as1_ptr, aw2_ptr, as2_ptr, p, n, xh, dn1, gt, gs_ptr, dqs, da1, ddl1_ptr, dd2_ptr,
                     hd_ptr, hdp, dth_ptr, det_ptr, dal_ptr, zs, us, d2s, df1, T, t0, NT, clip,
-                    BC, D, F, BF, ACT, RES, CLIP, PREC, True, PHASE == 8, FREE, pm_ptr)
+                    BC, D, F, BF, ACT, RES, CLIP, PREC, True, PHASE == 8, FREE, pm_ptr, clv)
     else:  # SEG_STATE
         _bwd_state(bh, j, q_ptr, k_ptr, v_ptr, th_ptr, et_ptr, al_ptr, go_ptr, dv_ptr, w1, w2,
                    aw1_ptr, as1_ptr, aw2_ptr, as2_ptr, p, n, xh, dn1, dd2_ptr, hd_ptr, dks, x1, da1, ddl1_ptr,
                    zs, us, d2s, dh1f, dd2p, T, t0, NT, clip, BC, D, F, BF, ACT, RES, CLIP, PREC, True, FREE,
-                   MERGE, AHEAD, gt, gs_ptr, hdp, q2s, dth_ptr, det_ptr, dal_ptr, pm_ptr)
+                   MERGE, AHEAD, gt, gs_ptr, hdp, q2s, dth_ptr, det_ptr, dal_ptr, pm_ptr, clv)
